@@ -1,0 +1,285 @@
+//! The model runtime boundary of ferry.
+//!
+//! A [`Backend`] is one loaded model that runs one batch at a time on the calling thread. It is
+//! deliberately synchronous and `&mut self`: ONNX Runtime sessions are not safe to run
+//! concurrently, tract keeps per-run state, and on a CPU the fastest arrangement measured is one
+//! single-threaded instance per core, each fed whole batches by its own worker thread. A
+//! [`Model`] is the shared, immutable part (the file, its description, a loaded library); it
+//! hands out as many [`Backend`] instances as the caller has workers.
+//!
+//! Two implementations exist: ONNX Runtime through `ort` (the fast path; the shared library is
+//! found at run time, see [`find_onnxruntime`]) and `tract` (pure Rust, always available, also
+//! the test oracle for the other one).
+#![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
+
+mod onnxruntime;
+mod tract;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use onnxruntime::find_onnxruntime;
+
+/// Errors of the backend layer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackendError {
+    /// The model file could not be read or parsed, or the runtime refused it.
+    #[error("model {path} could not be loaded: {reason}")]
+    Load {
+        /// The model file.
+        path: PathBuf,
+        /// What the runtime said.
+        reason: String,
+    },
+    /// ONNX Runtime was asked for explicitly but its library could not be found or opened.
+    #[error("ONNX Runtime is not available: {0}")]
+    RuntimeUnavailable(String),
+    /// The model's inputs are not what ferry can feed.
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    /// A batch does not have the shape the model takes.
+    #[error("input shape {got:?} does not fit the model's input {name} {expected}")]
+    Shape {
+        /// The model's input name.
+        name: String,
+        /// The declared shape, dynamic axes shown as `?`.
+        expected: String,
+        /// The shape given.
+        got: Vec<usize>,
+    },
+    /// The runtime failed while running a batch.
+    #[error("inference failed: {0}")]
+    Run(String),
+}
+
+/// `Result` with [`BackendError`].
+pub type Result<T, E = BackendError> = std::result::Result<T, E>;
+
+/// A dense `f32` tensor in row-major order.
+#[derive(Clone, PartialEq)]
+pub struct Tensor {
+    /// Dimensions, outermost first.
+    pub shape: Vec<usize>,
+    /// `shape.iter().product()` values.
+    pub data: Vec<f32>,
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tensor")
+            .field("shape", &self.shape)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tensor {
+    /// Builds a tensor, checking that the data fits the shape.
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "tensor data does not match its shape"
+        );
+        Self { shape, data }
+    }
+
+    /// Number of values in one item along the first (batch) axis.
+    pub fn row_len(&self) -> usize {
+        self.shape.iter().skip(1).product()
+    }
+
+    /// The values of item `i` along the first axis.
+    pub fn row(&self, i: usize) -> &[f32] {
+        let n = self.row_len();
+        &self.data[i * n..(i + 1) * n]
+    }
+}
+
+/// One input or output of a model as the model file declares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoInfo {
+    /// Name in the graph.
+    pub name: String,
+    /// Element type as ONNX names it (`float`, `int64`, ...).
+    pub dtype: String,
+    /// Declared dimensions; `None` for a dynamic (symbolic or unknown) axis.
+    pub shape: Vec<Option<usize>>,
+}
+
+impl IoInfo {
+    /// The shape written with `?` for dynamic axes, e.g. `[?, 3, 224, 224]`.
+    pub fn shape_string(&self) -> String {
+        let dims: Vec<String> = self
+            .shape
+            .iter()
+            .map(|d| d.map_or_else(|| "?".to_string(), |d| d.to_string()))
+            .collect();
+        format!("[{}]", dims.join(", "))
+    }
+
+    /// Whether a concrete shape fits the declared one.
+    pub fn accepts(&self, shape: &[usize]) -> bool {
+        self.shape.len() == shape.len()
+            && self
+                .shape
+                .iter()
+                .zip(shape)
+                .all(|(d, s)| d.is_none_or(|d| d == *s))
+    }
+}
+
+/// What a model takes and gives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    /// Graph inputs (initialisers excluded).
+    pub inputs: Vec<IoInfo>,
+    /// Graph outputs.
+    pub outputs: Vec<IoInfo>,
+}
+
+/// Which runtime runs the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendKind {
+    /// ONNX Runtime when its library is found, tract otherwise.
+    #[default]
+    Auto,
+    /// ONNX Runtime; an error when its library is not found.
+    Ort,
+    /// tract, the pure-Rust runtime.
+    Tract,
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "ort" | "onnxruntime" => Ok(Self::Ort),
+            "tract" => Ok(Self::Tract),
+            other => Err(format!(
+                "unknown backend {other:?}: expected auto, ort or tract"
+            )),
+        }
+    }
+}
+
+/// Options for loading a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Which runtime to use.
+    pub kind: BackendKind,
+    /// Threads inside one run (ONNX Runtime's intra-op threads). Default 1: parallelism comes
+    /// from running one instance per core.
+    pub intra_op_threads: usize,
+    /// An explicit ONNX Runtime library; otherwise [`find_onnxruntime`] looks for one.
+    pub onnxruntime_path: Option<PathBuf>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            kind: BackendKind::Auto,
+            intra_op_threads: 1,
+            onnxruntime_path: None,
+        }
+    }
+}
+
+/// One instance of a loaded model, owned by one thread.
+pub trait Backend: Send {
+    /// Runs one batch. `input`'s shape must fit the model's only input; the outputs come back in
+    /// the model's output order, each with the batch as its first axis.
+    fn run(&mut self, input: &Tensor) -> Result<Vec<Tensor>>;
+}
+
+/// A loaded model: its description and a factory for per-thread instances.
+pub trait Model: Send + Sync + fmt::Debug {
+    /// Inputs and outputs as declared.
+    fn info(&self) -> &ModelInfo;
+    /// The runtime's name, for logs and reports (`onnxruntime 1.32.0`, `tract 0.23`).
+    fn runtime(&self) -> String;
+    /// A new instance for one worker thread.
+    fn instance(&self) -> Result<Box<dyn Backend>>;
+}
+
+/// Loads an ONNX model with the runtime `options.kind` asks for.
+///
+/// With [`BackendKind::Auto`], a missing ONNX Runtime library is not an error: the reason is
+/// logged and tract is used.
+pub fn load(path: &Path, options: &LoadOptions) -> Result<Arc<dyn Model>> {
+    if !path.is_file() {
+        return Err(BackendError::Load {
+            path: path.to_owned(),
+            reason: "no such file".into(),
+        });
+    }
+    match options.kind {
+        BackendKind::Tract => Ok(Arc::new(tract::TractModel::load(path)?)),
+        BackendKind::Ort => Ok(Arc::new(onnxruntime::OrtModel::load(path, options)?)),
+        BackendKind::Auto => match onnxruntime::OrtModel::load(path, options) {
+            Ok(m) => Ok(Arc::new(m)),
+            Err(BackendError::RuntimeUnavailable(why)) => {
+                tracing::warn!("ONNX Runtime not found ({why}); using tract, which is slower");
+                Ok(Arc::new(tract::TractModel::load(path)?))
+            }
+            Err(e) => Err(e),
+        },
+    }
+}
+
+/// Checks that a model has exactly one `float` input and that `shape` fits it.
+pub fn check_input(info: &ModelInfo, shape: &[usize]) -> Result<()> {
+    let [input] = info.inputs.as_slice() else {
+        return Err(BackendError::Unsupported(format!(
+            "the model has {} inputs; ferry feeds models with exactly one",
+            info.inputs.len()
+        )));
+    };
+    if input.dtype != "float" {
+        return Err(BackendError::Unsupported(format!(
+            "input {} is {}, ferry feeds float tensors",
+            input.name, input.dtype
+        )));
+    }
+    if !input.accepts(shape) {
+        return Err(BackendError::Shape {
+            name: input.name.clone(),
+            expected: input.shape_string(),
+            got: shape.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_info_accepts_dynamic_axes_only() {
+        let io = IoInfo {
+            name: "x".into(),
+            dtype: "float".into(),
+            shape: vec![None, Some(3), Some(224), Some(224)],
+        };
+        assert!(io.accepts(&[7, 3, 224, 224]));
+        assert!(!io.accepts(&[7, 3, 224, 225]));
+        assert!(!io.accepts(&[3, 224, 224]));
+        assert_eq!(io.shape_string(), "[?, 3, 224, 224]");
+    }
+
+    #[test]
+    fn check_input_names_the_mismatch() {
+        let info = ModelInfo {
+            inputs: vec![IoInfo {
+                name: "x".into(),
+                dtype: "float".into(),
+                shape: vec![None, Some(3)],
+            }],
+            outputs: vec![],
+        };
+        let err = check_input(&info, &[1, 4]).unwrap_err().to_string();
+        assert!(err.contains("[1, 4]") && err.contains("[?, 3]"), "{err}");
+    }
+}

@@ -1,0 +1,247 @@
+//! ONNX Runtime through `ort`, with the shared library found at run time.
+//!
+//! The library is loaded, not linked: ferry builds offline and with no C++ toolchain for ONNX
+//! Runtime, and users already have the library, usually inside a Python `onnxruntime` wheel.
+//! Loading happens once per process (ONNX Runtime's API table is global), so the environment
+//! lives in a `OnceLock` and later loads reuse it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::Session;
+use ort::value::{TensorElementType, TensorRef, ValueType};
+
+use crate::{Backend, BackendError, IoInfo, LoadOptions, Model, ModelInfo, Result, Tensor};
+
+static ENVIRONMENT: OnceLock<
+    std::result::Result<(ort::environment::Environment, PathBuf), String>,
+> = OnceLock::new();
+
+/// Looks for `libonnxruntime.so` where users usually have it: `ORT_DYLIB_PATH`, the system
+/// library folders, then the `capi/` folder of a Python `onnxruntime` package.
+pub fn find_onnxruntime() -> std::result::Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!("ORT_DYLIB_PATH={} is not a file", p.display()))
+        };
+    }
+    let system = [
+        "/usr/local/lib",
+        "/usr/lib",
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib64",
+    ];
+    for dir in system {
+        if let Some(p) = library_in(Path::new(dir)) {
+            return Ok(p);
+        }
+    }
+    for python in ["python3", "python"] {
+        let Ok(out) = Command::new(python)
+            .args([
+                "-c",
+                "import importlib.util as u; s = u.find_spec('onnxruntime'); \
+                 print(s.submodule_search_locations[0] if s else '')",
+            ])
+            .output()
+        else {
+            continue;
+        };
+        let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !dir.is_empty() {
+            if let Some(p) = library_in(&Path::new(&dir).join("capi")) {
+                return Ok(p);
+            }
+        }
+    }
+    Err("no libonnxruntime.so in ORT_DYLIB_PATH, the system library folders, or a Python onnxruntime package \
+         (pip install onnxruntime, or set ORT_DYLIB_PATH)"
+        .into())
+}
+
+/// `libonnxruntime.so` or the newest `libonnxruntime.so.1.*` in `dir`.
+fn library_in(dir: &Path) -> Option<PathBuf> {
+    let plain = dir.join("libonnxruntime.so");
+    if plain.is_file() {
+        return Some(plain);
+    }
+    let mut versioned: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libonnxruntime.so."))
+        })
+        .collect();
+    versioned.sort();
+    versioned.pop()
+}
+
+fn environment(
+    explicit: Option<&Path>,
+) -> Result<&'static (ort::environment::Environment, PathBuf)> {
+    let env = ENVIRONMENT.get_or_init(|| {
+        let path = match explicit {
+            Some(p) => p.to_owned(),
+            None => find_onnxruntime()?,
+        };
+        let builder = ort::init_from(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let env = builder
+            .with_name("ferry")
+            .build()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok((env, path))
+    });
+    env.as_ref()
+        .map_err(|e| BackendError::RuntimeUnavailable(e.clone()))
+}
+
+/// A model loaded into ONNX Runtime.
+#[derive(Debug)]
+pub(crate) struct OrtModel {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    intra_op_threads: usize,
+    info: ModelInfo,
+    library: PathBuf,
+}
+
+impl OrtModel {
+    pub(crate) fn load(path: &Path, options: &LoadOptions) -> Result<Self> {
+        let (_, library) = environment(options.onnxruntime_path.as_deref())?;
+        let bytes = std::fs::read(path).map_err(|e| BackendError::Load {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let mut model = Self {
+            path: path.to_owned(),
+            bytes,
+            intra_op_threads: options.intra_op_threads.max(1),
+            info: ModelInfo {
+                inputs: vec![],
+                outputs: vec![],
+            },
+            library: library.clone(),
+        };
+        let session = model.session()?;
+        model.info = ModelInfo {
+            inputs: session
+                .inputs()
+                .iter()
+                .map(|o| io_info(o.name(), o.dtype()))
+                .collect(),
+            outputs: session
+                .outputs()
+                .iter()
+                .map(|o| io_info(o.name(), o.dtype()))
+                .collect(),
+        };
+        Ok(model)
+    }
+
+    fn session(&self) -> Result<Session> {
+        let (env, _) = environment(None)?;
+        build_session(env, &self.bytes, self.intra_op_threads).map_err(|e| BackendError::Load {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+// `ort::Error<SessionBuilder>` is not `Send`; keeping the builder chain in one function that
+// returns `ort::Result` turns every step's error into the plain kind.
+fn build_session(
+    env: &ort::environment::Environment,
+    bytes: &[u8],
+    threads: usize,
+) -> ort::Result<Session> {
+    let mut builder = Session::builder(env)?
+        .with_optimization_level(GraphOptimizationLevel::All)?
+        .with_intra_threads(threads)?
+        .with_inter_threads(1)?;
+    if threads == 1 {
+        builder = builder.with_intra_op_spinning(false)?;
+    }
+    builder.commit_from_memory(bytes)
+}
+
+fn io_info(name: &str, ty: &ValueType) -> IoInfo {
+    let (dtype, shape) = match ty {
+        ValueType::Tensor { ty, shape, .. } => (
+            element_name(*ty),
+            shape
+                .iter()
+                .map(|&d| usize::try_from(d).ok().filter(|_| d >= 0))
+                .collect(),
+        ),
+        other => (format!("{other:?}"), vec![]),
+    };
+    IoInfo {
+        name: name.to_string(),
+        dtype,
+        shape,
+    }
+}
+
+fn element_name(ty: TensorElementType) -> String {
+    match ty {
+        TensorElementType::Float32 => "float".into(),
+        TensorElementType::Float64 => "double".into(),
+        TensorElementType::Float16 => "float16".into(),
+        TensorElementType::Int64 => "int64".into(),
+        TensorElementType::Int32 => "int32".into(),
+        TensorElementType::Uint8 => "uint8".into(),
+        TensorElementType::String => "string".into(),
+        other => other.to_string(),
+    }
+}
+
+impl Model for OrtModel {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn runtime(&self) -> String {
+        format!("onnxruntime ({})", self.library.display())
+    }
+
+    fn instance(&self) -> Result<Box<dyn Backend>> {
+        Ok(Box::new(OrtBackend {
+            session: self.session()?,
+            info: self.info.clone(),
+        }))
+    }
+}
+
+struct OrtBackend {
+    session: Session,
+    info: ModelInfo,
+}
+
+impl Backend for OrtBackend {
+    fn run(&mut self, input: &Tensor) -> Result<Vec<Tensor>> {
+        crate::check_input(&self.info, &input.shape)?;
+        let value = TensorRef::from_array_view((input.shape.clone(), input.data.as_slice()))
+            .map_err(|e| BackendError::Run(e.to_string()))?;
+        let outputs = self
+            .session
+            .run(ort::inputs![value])
+            .map_err(|e| BackendError::Run(e.to_string()))?;
+        let mut tensors = Vec::with_capacity(outputs.len());
+        for (name, value) in outputs.iter() {
+            let (shape, data) = value
+                .try_extract_tensor::<f32>()
+                .map_err(|e| BackendError::Run(format!("output {name}: {e}")))?;
+            let shape = shape.iter().map(|&d| d as usize).collect();
+            tensors.push(Tensor::new(shape, data.to_vec()));
+        }
+        Ok(tensors)
+    }
+}

@@ -1,0 +1,168 @@
+//! tract, the pure-Rust runtime: always available, and an oracle for ONNX Runtime.
+//!
+//! tract optimises a plan for one concrete input shape, and on CPU it is fastest at batch 1, so a
+//! batch is run item by item through a plan for `[1, ...]`. Plans are built once per item shape
+//! and shared by every instance; only the run state is per thread.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::internal::DimLike;
+
+use crate::{Backend, BackendError, IoInfo, ModelInfo, Result, Tensor};
+
+type Plan = TypedSimplePlan;
+
+pub(crate) struct TractModel(Arc<Inner>);
+
+struct Inner {
+    path: PathBuf,
+    model: InferenceModel,
+    info: ModelInfo,
+    plans: Mutex<HashMap<Vec<usize>, Arc<Plan>>>,
+}
+
+impl std::fmt::Debug for TractModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TractModel")
+            .field("path", &self.0.path)
+            .field("info", &self.0.info)
+            .finish_non_exhaustive()
+    }
+}
+
+fn load_error(path: &Path, e: impl std::fmt::Display) -> BackendError {
+    BackendError::Load {
+        path: path.to_owned(),
+        reason: format!("{e:#}"),
+    }
+}
+
+impl TractModel {
+    pub(crate) fn load(path: &Path) -> Result<Self> {
+        let model = tract_onnx::onnx()
+            .model_for_path(path)
+            .map_err(|e| load_error(path, e))?;
+        let typed = model
+            .clone()
+            .into_typed()
+            .map_err(|e| load_error(path, e))?;
+        let describe = |outlets: &[OutletId]| -> Result<Vec<IoInfo>> {
+            outlets
+                .iter()
+                .map(|o| {
+                    let fact = typed.outlet_fact(*o).map_err(|e| load_error(path, e))?;
+                    Ok(IoInfo {
+                        name: typed.node(o.node).name.clone(),
+                        dtype: onnx_type_name(fact.datum_type),
+                        shape: fact.shape.iter().map(|d| d.to_usize().ok()).collect(),
+                    })
+                })
+                .collect()
+        };
+        let info = ModelInfo {
+            inputs: describe(&typed.inputs)?,
+            outputs: describe(&typed.outputs)?,
+        };
+        Ok(Self(Arc::new(Inner {
+            path: path.to_owned(),
+            model,
+            info,
+            plans: Mutex::new(HashMap::new()),
+        })))
+    }
+}
+
+impl Inner {
+    fn plan(&self, item_shape: &[usize]) -> Result<Arc<Plan>> {
+        let mut plans = self.plans.lock().expect("tract plan cache poisoned");
+        if let Some(p) = plans.get(item_shape) {
+            return Ok(p.clone());
+        }
+        let mut shape = vec![1];
+        shape.extend_from_slice(item_shape);
+        let plan = self
+            .model
+            .clone()
+            .with_input_fact(0, f32::fact(&shape).into())
+            .and_then(|m| m.into_optimized())
+            .and_then(|m| m.into_runnable())
+            .map_err(|e| load_error(&self.path, e))?;
+        plans.insert(item_shape.to_vec(), plan.clone());
+        Ok(plan)
+    }
+}
+
+fn onnx_type_name(t: DatumType) -> String {
+    match t {
+        DatumType::F32 => "float".into(),
+        DatumType::F64 => "double".into(),
+        DatumType::F16 => "float16".into(),
+        DatumType::I64 => "int64".into(),
+        DatumType::I32 => "int32".into(),
+        DatumType::U8 => "uint8".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+impl crate::Model for TractModel {
+    fn info(&self) -> &ModelInfo {
+        &self.0.info
+    }
+
+    fn runtime(&self) -> String {
+        "tract 0.23".into()
+    }
+
+    fn instance(&self) -> Result<Box<dyn Backend>> {
+        Ok(Box::new(TractBackend {
+            model: self.0.clone(),
+        }))
+    }
+}
+
+struct TractBackend {
+    model: Arc<Inner>,
+}
+
+impl Backend for TractBackend {
+    fn run(&mut self, input: &Tensor) -> Result<Vec<Tensor>> {
+        let model = &self.model;
+        crate::check_input(&model.info, &input.shape)?;
+        let batch = input.shape[0];
+        let plan = model.plan(&input.shape[1..])?;
+        let mut item_shape = vec![1];
+        item_shape.extend_from_slice(&input.shape[1..]);
+        let mut outputs: Vec<(Vec<usize>, Vec<f32>)> = Vec::new();
+        for i in 0..batch {
+            let item = tract_onnx::prelude::Tensor::from_shape(&item_shape, input.row(i))
+                .map_err(|e| BackendError::Run(e.to_string()))?;
+            let result = plan
+                .run(tvec![item.into_tvalue()])
+                .map_err(|e| BackendError::Run(format!("{e:#}")))?;
+            if outputs.is_empty() {
+                outputs = result
+                    .iter()
+                    .map(|t| (t.shape().to_vec(), Vec::new()))
+                    .collect();
+            }
+            for (slot, t) in outputs.iter_mut().zip(result.iter()) {
+                let values = t
+                    .to_plain_array_view::<f32>()
+                    .map_err(|e| BackendError::Run(e.to_string()))?;
+                slot.1.extend(values.iter().copied());
+            }
+        }
+        Ok(outputs
+            .into_iter()
+            .map(|(mut shape, data)| {
+                if let Some(first) = shape.first_mut() {
+                    *first = batch;
+                }
+                Tensor::new(shape, data)
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,255 @@
+//! Model outputs to the body of a `.out` object.
+//!
+//! The default body is TF Serving's row-format predict response, `{"predictions": [...]}` with one
+//! entry per record, so consumers of SageMaker or TF Serving output keep working. An entry is the
+//! output tensor for that record (nested to its shape), an object keyed by output name when the
+//! model has several outputs, `{"classes", "labels", "probabilities"}` with top-k, or
+//! `{"error": "..."}` for a record that failed under `--on-error error-record`.
+//!
+//! Bodies are written straight into a byte buffer (floats in their shortest round-trip form), so
+//! the same predictions always give the same bytes, whatever the batching.
+
+use serde::Serialize;
+
+/// One record's outputs: per model output, its per-record shape and values.
+pub type RecordOutputs = Vec<(Vec<usize>, Vec<f32>)>;
+
+/// Settings for turning outputs into JSON.
+#[derive(Debug, Clone)]
+pub struct Encoder {
+    /// Output names, in model order.
+    pub output_names: Vec<String>,
+    /// Index of the output holding class scores.
+    pub score_output: usize,
+    /// Apply a softmax to the score output.
+    pub softmax: bool,
+    /// Keep only the `k` best classes.
+    pub top_k: Option<usize>,
+    /// Class names.
+    pub labels: Option<Vec<String>>,
+}
+
+impl Encoder {
+    /// The body for one object from its records' outcomes, in record order.
+    pub fn body(&self, records: &mut [Result<RecordOutputs, String>]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + records.len() * 64);
+        out.extend_from_slice(b"{\"predictions\":[");
+        for (i, record) in records.iter_mut().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            match record {
+                Ok(outputs) => self.write_record(&mut out, outputs),
+                Err(reason) => {
+                    out.extend_from_slice(b"{\"error\":");
+                    serde_json::to_writer(&mut out, reason).expect("writing to a Vec cannot fail");
+                    out.push(b'}');
+                }
+            }
+        }
+        out.extend_from_slice(b"]}\n");
+        out
+    }
+
+    fn write_record(&self, out: &mut Vec<u8>, outputs: &mut RecordOutputs) {
+        if self.softmax {
+            if let Some((_, scores)) = outputs.get_mut(self.score_output) {
+                softmax(scores);
+            }
+        }
+        if let Some(k) = self.top_k {
+            let scores = &outputs[self.score_output].1;
+            let top = TopK::new(scores, k, self.labels.as_deref(), self.softmax);
+            serde_json::to_writer(out, &top).expect("writing to a Vec cannot fail");
+            return;
+        }
+        if let [(shape, values)] = outputs.as_slice() {
+            write_nested(out, shape, values);
+            return;
+        }
+        out.push(b'{');
+        for (i, ((shape, values), name)) in outputs.iter().zip(&self.output_names).enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            serde_json::to_writer(&mut *out, name).expect("writing to a Vec cannot fail");
+            out.push(b':');
+            write_nested(out, shape, values);
+        }
+        out.push(b'}');
+    }
+}
+
+/// Numerically stable softmax in place.
+pub fn softmax(values: &mut [f32]) {
+    let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f64;
+    for v in values.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in values.iter_mut() {
+        *v *= inv;
+    }
+}
+
+#[derive(Serialize)]
+struct TopK<'a> {
+    classes: Vec<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    labels: Option<Vec<&'a str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    probabilities: Option<Vec<f32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scores: Option<Vec<f32>>,
+}
+
+impl<'a> TopK<'a> {
+    fn new(scores: &[f32], k: usize, labels: Option<&'a [String]>, probabilities: bool) -> Self {
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        // Highest first; ties and NaNs resolved by index so the order is always the same.
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+        order.truncate(k);
+        let values: Vec<f32> = order.iter().map(|&i| scores[i]).collect();
+        let labels = labels.map(|l| {
+            order
+                .iter()
+                .map(|&i| l.get(i).map_or("", String::as_str))
+                .collect()
+        });
+        let (probabilities, scores) = if probabilities {
+            (Some(values), None)
+        } else {
+            (None, Some(values))
+        };
+        Self {
+            classes: order,
+            labels,
+            probabilities,
+            scores,
+        }
+    }
+}
+
+fn write_nested(out: &mut Vec<u8>, shape: &[usize], values: &[f32]) {
+    match shape {
+        [] => write_f32(out, values[0]),
+        [_] => {
+            out.push(b'[');
+            for (i, v) in values.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_f32(out, *v);
+            }
+            out.push(b']');
+        }
+        [n, rest @ ..] => {
+            let step = rest.iter().product::<usize>();
+            out.push(b'[');
+            for i in 0..*n {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_nested(out, rest, &values[i * step..(i + 1) * step]);
+            }
+            out.push(b']');
+        }
+    }
+}
+
+fn write_f32(out: &mut Vec<u8>, v: f32) {
+    if v.is_finite() {
+        out.extend_from_slice(ryu::Buffer::new().format_finite(v).as_bytes());
+    } else {
+        out.extend_from_slice(b"null");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoder() -> Encoder {
+        Encoder {
+            output_names: vec!["logits".into()],
+            score_output: 0,
+            softmax: false,
+            top_k: None,
+            labels: None,
+        }
+    }
+
+    fn json(bytes: Vec<u8>) -> serde_json::Value {
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[test]
+    fn full_scores_nest_to_the_output_shape() {
+        let mut records = vec![
+            Ok(vec![(vec![2, 2], vec![1.0, 2.5, -3.0, 0.1])]),
+            Ok(vec![(vec![], vec![7.0])]),
+        ];
+        let v = json(encoder().body(&mut records));
+        assert_eq!(
+            v,
+            serde_json::json!({"predictions": [[[1.0, 2.5], [-3.0, 0.1]], 7.0]})
+        );
+    }
+
+    #[test]
+    fn top_k_with_labels_and_softmax() {
+        let e = Encoder {
+            softmax: true,
+            top_k: Some(2),
+            labels: Some(vec!["a".into(), "b".into(), "c".into()]),
+            ..encoder()
+        };
+        let mut records = vec![
+            Ok(vec![(vec![3], vec![1.0, 3.0, 2.0])]),
+            Err("bad JPEG".to_string()),
+        ];
+        let v = json(e.body(&mut records));
+        let p = &v["predictions"][0];
+        assert_eq!(p["classes"], serde_json::json!([1, 2]));
+        assert_eq!(p["labels"], serde_json::json!(["b", "c"]));
+        let probs: Vec<f64> = p["probabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let z = 1f64.exp() + 3f64.exp() + 2f64.exp();
+        assert!(
+            (probs[0] - 3f64.exp() / z).abs() < 1e-6 && (probs[1] - 2f64.exp() / z).abs() < 1e-6
+        );
+        assert_eq!(
+            v["predictions"][1],
+            serde_json::json!({"error": "bad JPEG"})
+        );
+    }
+
+    #[test]
+    fn several_outputs_are_keyed_by_name_and_non_finite_is_null() {
+        let e = Encoder {
+            output_names: vec!["a".into(), "b".into()],
+            ..encoder()
+        };
+        let mut records = vec![Ok(vec![
+            (vec![1], vec![f32::NAN]),
+            (vec![2], vec![0.5, 1e-7]),
+        ])];
+        let v = json(e.body(&mut records));
+        assert_eq!(
+            v,
+            serde_json::json!({"predictions": [{"a": [null], "b": [0.5, 1e-7]}]})
+        );
+    }
+
+    #[test]
+    fn ties_in_top_k_keep_index_order() {
+        let top = TopK::new(&[0.5, 0.5, 0.9, 0.5], 3, None, false);
+        assert_eq!(top.classes, vec![2, 0, 1]);
+    }
+}

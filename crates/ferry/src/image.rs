@@ -1,0 +1,508 @@
+//! `application/x-image`: JPEG or PNG bytes to the model's input tensor, in one pass.
+//!
+//! The usual recipe (decode at full size, resize the short side, centre crop, normalise) spends
+//! most of its time decoding pixels that the resize then throws away. Here the crop is mapped
+//! back into source coordinates, so the resize reads only the pixels that survive; and a JPEG
+//! that is at least twice the size needed is decoded at 1/2, 1/4 or 1/8 scale straight from its
+//! DCT coefficients (libjpeg-turbo), which skips most of the inverse DCT and colour conversion.
+//! Normalisation is a table lookup per channel. Everything that allocates lives in an
+//! [`ImageDecoder`], one per worker thread, and is reused across images.
+//!
+//! Format is decided by the bytes, not the name: a `.jpg` that is really a PNG still decodes, and
+//! anything else fails with what it starts with.
+
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use turbojpeg::{Colorspace, Decompressor, PixelFormat, ScalingFactor};
+
+use crate::model::{Channels, ImageInput, Layout, Resize};
+
+/// Why one image could not become a tensor.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ImageError {
+    /// Zero bytes.
+    #[error("empty object (0 bytes)")]
+    Empty,
+    /// Neither JPEG nor PNG.
+    #[error("not a JPEG or PNG image (starts with {0})")]
+    UnknownFormat(String),
+    /// Declared dimensions over the pixel limit (an "image bomb").
+    #[error("image is {width}x{height} = {pixels} pixels, over the limit of {limit} (--max-image-pixels)")]
+    TooLarge {
+        /// Declared width.
+        width: u64,
+        /// Declared height.
+        height: u64,
+        /// Their product.
+        pixels: u64,
+        /// The configured limit.
+        limit: u64,
+    },
+    /// The decoder failed: corrupt or truncated data.
+    #[error("invalid {format}: {reason}")]
+    Corrupt {
+        /// `JPEG` or `PNG`.
+        format: &'static str,
+        /// The decoder's message.
+        reason: String,
+    },
+}
+
+/// Errors in the pre-processing configuration, found before any image is read.
+#[derive(Debug, thiserror::Error)]
+#[error("image pre-processing: {0}")]
+pub struct PlanError(String);
+
+/// The fixed part of pre-processing, shared by every decoder of a job.
+#[derive(Debug, Clone)]
+pub struct ImagePlan {
+    resize: Option<Resize>,
+    out: (u32, u32),
+    crop: Option<(u32, u32)>,
+    lut: [[f32; 256]; 3],
+    channels: Channels,
+    layout: Layout,
+    max_pixels: u64,
+    dct_scaling: bool,
+}
+
+/// Where to read from in the source and what size to write.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Geometry {
+    /// Size after the resize step, before cropping.
+    resized: (u32, u32),
+    /// The region of the source that becomes the output: left, top, width, height.
+    src_box: (f64, f64, f64, f64),
+}
+
+impl ImagePlan {
+    /// Builds the plan for `spec`; `model_hw` is the model's input height and width when the model
+    /// declares them, used when `spec` gives no size of its own.
+    pub fn new(
+        spec: &ImageInput,
+        model_hw: Option<(u32, u32)>,
+        max_pixels: u64,
+    ) -> Result<Self, PlanError> {
+        let out = match (spec.crop, spec.resize, model_hw) {
+            (Some([h, w]), _, _) => (w, h),
+            (None, Some(Resize::Exact([h, w])), _) => (w, h),
+            (None, _, Some((h, w))) => (w, h),
+            (None, _, None) => return Err(PlanError(
+                "the model's input size is dynamic: give `crop` or `resize = [h, w]` in ferry.toml"
+                    .into(),
+            )),
+        };
+        if out.0 == 0 || out.1 == 0 {
+            return Err(PlanError(format!(
+                "output size {}x{} is empty",
+                out.0, out.1
+            )));
+        }
+        if let (Some([ch, cw]), Some(r)) = (spec.crop, spec.resize) {
+            let fits = match r {
+                Resize::ShortSide(s) => s >= ch && s >= cw,
+                Resize::Exact([h, w]) => h >= ch && w >= cw,
+            };
+            if !fits {
+                return Err(PlanError(format!(
+                    "crop {ch}x{cw} is larger than the resize {r:?}"
+                )));
+            }
+        }
+        if let Some((h, w)) = model_hw {
+            if (w, h) != out {
+                return Err(PlanError(format!(
+                    "ferry.toml makes {}x{} images but the model takes {h}x{w}",
+                    out.1, out.0
+                )));
+            }
+        }
+        if spec.scale == 0.0 || spec.std.contains(&0.0) {
+            return Err(PlanError("scale and std must not be zero".into()));
+        }
+        let mut lut = [[0f32; 256]; 3];
+        for (c, table) in lut.iter_mut().enumerate() {
+            for (v, slot) in table.iter_mut().enumerate() {
+                let x = v as f64 / spec.scale as f64;
+                *slot = ((x - spec.mean[c] as f64) / spec.std[c] as f64) as f32;
+            }
+        }
+        Ok(Self {
+            resize: spec.resize,
+            out,
+            crop: spec.crop.map(|[h, w]| (w, h)),
+            lut,
+            channels: spec.channels,
+            layout: spec.layout,
+            max_pixels,
+            dct_scaling: true,
+        })
+    }
+
+    /// Turns DCT-domain downscaling of large JPEGs on or off (on by default).
+    pub fn with_dct_scaling(mut self, on: bool) -> Self {
+        self.dct_scaling = on;
+        self
+    }
+
+    /// The shape of one image's tensor (no batch axis).
+    pub fn item_shape(&self) -> Vec<usize> {
+        let (w, h) = (self.out.0 as usize, self.out.1 as usize);
+        match self.layout {
+            Layout::Nchw => vec![3, h, w],
+            Layout::Nhwc => vec![h, w, 3],
+        }
+    }
+
+    /// Number of `f32` values in one image's tensor.
+    pub fn item_len(&self) -> usize {
+        self.out.0 as usize * self.out.1 as usize * 3
+    }
+
+    fn geometry(&self, w: u32, h: u32) -> Geometry {
+        let resized = match self.resize {
+            // torchvision's Resize(int): the long side is truncated, not rounded.
+            Some(Resize::ShortSide(s)) if w <= h => (s, (s as u64 * h as u64 / w as u64) as u32),
+            Some(Resize::ShortSide(s)) => ((s as u64 * w as u64 / h as u64) as u32, s),
+            Some(Resize::Exact([rh, rw])) => (rw, rh),
+            None => self.out,
+        };
+        let (left, top) = match self.crop {
+            // torchvision's CenterCrop: round half to even of the margin.
+            Some((cw, ch)) => (
+                ((resized.0 as f64 - cw as f64) / 2.0).round_ties_even(),
+                ((resized.1 as f64 - ch as f64) / 2.0).round_ties_even(),
+            ),
+            None => (0.0, 0.0),
+        };
+        let sx = w as f64 / resized.0 as f64;
+        let sy = h as f64 / resized.1 as f64;
+        Geometry {
+            resized,
+            src_box: (
+                left * sx,
+                top * sy,
+                self.out.0 as f64 * sx,
+                self.out.1 as f64 * sy,
+            ),
+        }
+    }
+
+    /// The coarsest DCT scale that still leaves at least the resized size.
+    fn dct_scale(&self, w: u32, h: u32) -> ScalingFactor {
+        if !self.dct_scaling {
+            return ScalingFactor::ONE;
+        }
+        let (rw, rh) = self.geometry(w, h).resized;
+        for f in [
+            ScalingFactor::ONE_EIGHTH,
+            ScalingFactor::ONE_QUARTER,
+            ScalingFactor::ONE_HALF,
+        ] {
+            if f.scale(w as usize) >= rw as usize && f.scale(h as usize) >= rh as usize {
+                return f;
+            }
+        }
+        ScalingFactor::ONE
+    }
+
+    fn check_pixels(&self, width: u64, height: u64) -> Result<(), ImageError> {
+        let pixels = width * height;
+        if pixels > self.max_pixels {
+            return Err(ImageError::TooLarge {
+                width,
+                height,
+                pixels,
+                limit: self.max_pixels,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Per-thread decoding state.
+pub struct ImageDecoder {
+    plan: ImagePlan,
+    jpeg: Decompressor,
+    resizer: Resizer,
+    rgb: Vec<u8>,
+}
+
+impl std::fmt::Debug for ImageDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageDecoder")
+            .field("plan", &self.plan)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ImageDecoder {
+    /// A decoder for `plan`.
+    pub fn new(plan: ImagePlan) -> Self {
+        Self {
+            plan,
+            jpeg: Decompressor::new().expect("libjpeg-turbo failed to allocate a decompressor"),
+            resizer: Resizer::new(),
+            rgb: Vec::new(),
+        }
+    }
+
+    /// Decodes `bytes` and writes the normalised tensor to `out` (cleared first).
+    pub fn decode(&mut self, bytes: &[u8], out: &mut Vec<f32>) -> Result<(), ImageError> {
+        let (w, h) = match bytes {
+            [] => return Err(ImageError::Empty),
+            [0xFF, 0xD8, 0xFF, ..] => self.decode_jpeg(bytes)?,
+            [0x89, b'P', b'N', b'G', ..] => {
+                self.decode_other(bytes, image::ImageFormat::Png, "PNG")?
+            }
+            _ => {
+                let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
+                return Err(ImageError::UnknownFormat(format!(
+                    "bytes {}",
+                    head.join(" ")
+                )));
+            }
+        };
+        self.finish(w, h, out);
+        Ok(())
+    }
+
+    fn decode_jpeg(&mut self, bytes: &[u8]) -> Result<(u32, u32), ImageError> {
+        let corrupt = |e: turbojpeg::Error| ImageError::Corrupt {
+            format: "JPEG",
+            reason: e.to_string(),
+        };
+        let header = self.jpeg.read_header(bytes).map_err(corrupt)?;
+        self.plan
+            .check_pixels(header.width as u64, header.height as u64)?;
+        if matches!(header.colorspace, Colorspace::CMYK | Colorspace::YCCK) {
+            // libjpeg-turbo cannot convert these to RGB.
+            return self.decode_other(bytes, image::ImageFormat::Jpeg, "JPEG");
+        }
+        let factor = self
+            .plan
+            .dct_scale(header.width as u32, header.height as u32);
+        self.jpeg.set_scaling_factor(factor).map_err(corrupt)?;
+        let scaled = header.scaled(factor);
+        self.rgb.resize(scaled.width * scaled.height * 3, 0);
+        let image = turbojpeg::Image {
+            pixels: self.rgb.as_mut_slice(),
+            width: scaled.width,
+            pitch: scaled.width * 3,
+            height: scaled.height,
+            format: PixelFormat::RGB,
+        };
+        self.jpeg.decompress(bytes, image).map_err(corrupt)?;
+        Ok((scaled.width as u32, scaled.height as u32))
+    }
+
+    fn decode_other(
+        &mut self,
+        bytes: &[u8],
+        format: image::ImageFormat,
+        name: &'static str,
+    ) -> Result<(u32, u32), ImageError> {
+        let corrupt = |e: image::ImageError| ImageError::Corrupt {
+            format: name,
+            reason: e.to_string(),
+        };
+        let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
+        let (w, h) = reader.into_dimensions().map_err(corrupt)?;
+        self.plan.check_pixels(w as u64, h as u64)?;
+        reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
+        let mut limits = image::Limits::default();
+        limits.max_alloc = Some(self.plan.max_pixels.saturating_mul(16));
+        reader.limits(limits);
+        let rgb = reader.decode().map_err(corrupt)?.into_rgb8();
+        self.rgb.clear();
+        self.rgb.extend_from_slice(rgb.as_raw());
+        Ok((w, h))
+    }
+
+    fn finish(&mut self, w: u32, h: u32, out: &mut Vec<f32>) {
+        let plan = &self.plan;
+        let g = plan.geometry(w, h);
+        let src = ImageRef::new(w, h, &self.rgb, PixelType::U8x3)
+            .expect("decoded buffer matches its size");
+        let mut dst = Image::new(plan.out.0, plan.out.1, PixelType::U8x3);
+        let (left, top, bw, bh) = g.src_box;
+        let options = ResizeOptions::new()
+            .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
+            .crop(left, top, bw, bh)
+            .use_alpha(false);
+        self.resizer
+            .resize(&src, &mut dst, &options)
+            .expect("source and destination are both RGB8");
+        normalise(plan, dst.buffer(), out);
+    }
+}
+
+fn normalise(plan: &ImagePlan, pixels: &[u8], out: &mut Vec<f32>) {
+    let order = match plan.channels {
+        Channels::Rgb => [0, 1, 2],
+        Channels::Bgr => [2, 1, 0],
+    };
+    out.clear();
+    out.reserve(pixels.len());
+    match plan.layout {
+        Layout::Nchw => {
+            for c in order {
+                let lut = &plan.lut[c];
+                out.extend(pixels.chunks_exact(3).map(|p| lut[p[c] as usize]));
+            }
+        }
+        Layout::Nhwc => {
+            for p in pixels.chunks_exact(3) {
+                for c in order {
+                    out.push(plan.lut[c][p[c] as usize]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn imagenet() -> ImageInput {
+        ImageInput {
+            resize: Some(Resize::ShortSide(256)),
+            crop: Some([224, 224]),
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+            ..Default::default()
+        }
+    }
+
+    fn plan() -> ImagePlan {
+        ImagePlan::new(&imagenet(), Some((224, 224)), 1 << 28).unwrap()
+    }
+
+    #[test]
+    fn geometry_follows_torchvision_resize_then_centre_crop() {
+        // 451x300 (chelsea): short side 300 -> 256, long side int(256 * 451 / 300) = 384.
+        let g = plan().geometry(451, 300);
+        assert_eq!(g.resized, (384, 256));
+        // Margins round((384 - 224) / 2) = 80 and 16, mapped back by 451/384 and 300/256.
+        let (l, t, w, h) = g.src_box;
+        assert!((l - 80.0 * 451.0 / 384.0).abs() < 1e-9);
+        assert!((t - 16.0 * 300.0 / 256.0).abs() < 1e-9);
+        assert!((w - 224.0 * 451.0 / 384.0).abs() < 1e-9);
+        assert!((h - 224.0 * 300.0 / 256.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn dct_scale_never_goes_below_the_resized_size() {
+        let p = plan();
+        assert_eq!(p.dct_scale(451, 300), ScalingFactor::ONE);
+        assert_eq!(p.dct_scale(600, 512), ScalingFactor::ONE_HALF);
+        assert_eq!(p.dct_scale(600, 511), ScalingFactor::ONE);
+        assert_eq!(p.dct_scale(4000, 3000), ScalingFactor::ONE_EIGHTH);
+        assert_eq!(
+            p.clone().with_dct_scaling(false).dct_scale(4000, 3000),
+            ScalingFactor::ONE
+        );
+    }
+
+    #[test]
+    fn plan_rejects_sizes_that_do_not_fit_the_model() {
+        let err = ImagePlan::new(&imagenet(), Some((299, 299)), 1 << 28)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("299"), "{err}");
+        let spec = ImageInput {
+            resize: Some(Resize::ShortSide(200)),
+            ..imagenet()
+        };
+        assert!(ImagePlan::new(&spec, None, 1 << 28).is_err());
+        assert!(ImagePlan::new(&ImageInput::default(), None, 1 << 28).is_err());
+    }
+
+    fn png(w: u32, h: u32, f: impl Fn(u32, u32) -> [u8; 3]) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb(f(x, y)));
+        let mut out = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn a_flat_colour_normalises_per_channel_in_nchw_and_nhwc() {
+        let bytes = png(300, 400, |_, _| [255, 0, 128]);
+        let mut out = Vec::new();
+        let mut d = ImageDecoder::new(plan());
+        d.decode(&bytes, &mut out).unwrap();
+        assert_eq!(out.len(), 3 * 224 * 224);
+        let expect = [
+            (1.0 - 0.485) / 0.229,
+            (0.0 - 0.456) / 0.224,
+            (128.0 / 255.0 - 0.406) / 0.225,
+        ];
+        for (c, e) in expect.iter().enumerate() {
+            let plane = &out[c * 224 * 224..(c + 1) * 224 * 224];
+            assert!(plane.iter().all(|v| (v - e).abs() < 1e-5), "channel {c}");
+        }
+        let spec = ImageInput {
+            layout: Layout::Nhwc,
+            channels: Channels::Bgr,
+            ..imagenet()
+        };
+        let mut d = ImageDecoder::new(ImagePlan::new(&spec, None, 1 << 28).unwrap());
+        d.decode(&bytes, &mut out).unwrap();
+        assert!(
+            (out[0] - ((128.0 / 255.0 - 0.406) / 0.225)).abs() < 1e-5,
+            "BGR puts blue first"
+        );
+        assert!((out[2] - expect[0]).abs() < 1e-5);
+    }
+
+    #[test]
+    fn the_centre_crop_keeps_the_centre() {
+        // A wide image whose left and right quarters are black and whose middle is white: the
+        // centre crop of a 256-high resize sees only white.
+        let bytes = png(800, 200, |x, _| {
+            if (200..600).contains(&x) {
+                [255; 3]
+            } else {
+                [0; 3]
+            }
+        });
+        let spec = ImageInput {
+            mean: [0.0; 3],
+            std: [1.0; 3],
+            ..imagenet()
+        };
+        let mut d = ImageDecoder::new(ImagePlan::new(&spec, None, 1 << 28).unwrap());
+        let mut out = Vec::new();
+        d.decode(&bytes, &mut out).unwrap();
+        assert!(
+            out.iter().all(|v| *v > 0.99),
+            "min {}",
+            out.iter().cloned().fold(f32::MAX, f32::min)
+        );
+    }
+
+    #[test]
+    fn errors_say_what_is_wrong() {
+        let mut d = ImageDecoder::new(plan());
+        let mut out = Vec::new();
+        assert_eq!(d.decode(b"", &mut out), Err(ImageError::Empty));
+        assert!(matches!(
+            d.decode(b"hello world", &mut out),
+            Err(ImageError::UnknownFormat(_))
+        ));
+        let mut bytes = png(64, 64, |x, y| [x as u8, y as u8, 0]);
+        bytes.truncate(bytes.len() / 2);
+        assert!(matches!(
+            d.decode(&bytes, &mut out),
+            Err(ImageError::Corrupt { format: "PNG", .. })
+        ));
+        let mut small = ImageDecoder::new(ImagePlan::new(&imagenet(), None, 1000).unwrap());
+        let bytes = png(64, 64, |_, _| [0; 3]);
+        assert!(matches!(
+            small.decode(&bytes, &mut out),
+            Err(ImageError::TooLarge { pixels: 4096, .. })
+        ));
+    }
+}

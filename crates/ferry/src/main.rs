@@ -1,0 +1,171 @@
+//! The `ferry` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use ferry::progress::ProgressMode;
+use ferry::transform::{self, JobConfig, JobReport, OnError};
+use ferry_backend::BackendKind;
+
+/// Carries a dataset through a trained model.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a batch job: every object under --input through the model, one <key>.out per object
+    /// under --output.
+    Transform(TransformArgs),
+}
+
+#[derive(Debug, Args)]
+struct TransformArgs {
+    /// An .onnx file, or a model directory holding model.onnx and optionally ferry.toml and
+    /// labels.txt.
+    #[arg(long, env = "FERRY_MODEL")]
+    model: PathBuf,
+    /// Where the inputs are: a folder, file://PATH, or s3://bucket/prefix (S3 settings come from
+    /// the AWS_* variables; AWS_ENDPOINT_URL for S3-compatible stores).
+    #[arg(long, env = "FERRY_INPUT")]
+    input: String,
+    /// Where the outputs go, same forms. <output>/<key relative to input>.out per input object.
+    #[arg(long, env = "FERRY_OUTPUT")]
+    output: String,
+    /// Content type of the inputs. JPEG and PNG are told apart by their bytes.
+    #[arg(long, env = "FERRY_CONTENT_TYPE", default_value = "application/x-image",
+          value_parser = ["application/x-image", "image/jpeg", "image/png"])]
+    content_type: String,
+    /// Write only the K best classes (with labels when the model has labels.txt) instead of every
+    /// score.
+    #[arg(long, env = "FERRY_TOP_K")]
+    top_k: Option<usize>,
+    /// Most records per model call.
+    #[arg(long, env = "FERRY_MAX_BATCH_SIZE", default_value_t = 8)]
+    max_batch_size: usize,
+    /// How long a model thread waits for more records to fill a batch, in milliseconds.
+    #[arg(long, env = "FERRY_BATCH_WAIT_MS", default_value_t = 5)]
+    batch_wait_ms: u64,
+    /// Objects in flight (read but not yet written). Bounds memory.
+    #[arg(long, env = "FERRY_MAX_CONCURRENT", default_value_t = 64)]
+    max_concurrent: usize,
+    /// Model threads, each with its own single-threaded model instance [default: CPU cores].
+    #[arg(long, env = "FERRY_THREADS")]
+    threads: Option<usize>,
+    /// Image decoding threads [default: CPU cores].
+    #[arg(long, env = "FERRY_DECODE_THREADS")]
+    decode_threads: Option<usize>,
+    /// Threads inside one model call (ONNX Runtime intra-op threads).
+    #[arg(long, env = "FERRY_INTRA_OP_THREADS", default_value_t = 1)]
+    intra_op_threads: usize,
+    /// Model runtime: ort (ONNX Runtime), tract (pure Rust), or auto (ONNX Runtime when its library
+    /// is found: ORT_DYLIB_PATH, system folders, a Python onnxruntime package).
+    #[arg(long, env = "FERRY_BACKEND", default_value = "auto")]
+    backend: BackendKind,
+    /// What a failed record does: fail-object writes no .out for its object; error-record writes
+    /// {"error": "..."} in place of its prediction.
+    #[arg(long, env = "FERRY_ON_ERROR", value_enum, default_value_t = OnError::FailObject)]
+    on_error: OnError,
+    /// Largest image, in declared pixels, that will be decoded; larger ones fail (image bombs).
+    #[arg(long, env = "FERRY_MAX_IMAGE_PIXELS", default_value_t = 178_956_970)]
+    max_image_pixels: u64,
+    /// Decode every JPEG at full size instead of at 1/2, 1/4 or 1/8 scale when that leaves enough
+    /// pixels.
+    #[arg(long, env = "FERRY_NO_DCT_SCALING")]
+    no_dct_scaling: bool,
+    /// Outputs larger than this many MiB are uploaded in parts of this size (at least 5).
+    #[arg(long, env = "FERRY_PART_SIZE_MB", default_value_t = 8)]
+    part_size_mb: usize,
+    /// Write the job report here instead of <output>/_ferry/report.json.
+    #[arg(long, env = "FERRY_REPORT")]
+    report: Option<PathBuf>,
+    /// Progress display.
+    #[arg(long, env = "FERRY_PROGRESS", value_enum, default_value_t = ProgressMode::Auto)]
+    progress: ProgressMode,
+    /// Retries of a failed request to a remote store, with exponential backoff.
+    #[arg(long, env = "FERRY_MAX_RETRIES", default_value_t = 10)]
+    max_retries: usize,
+}
+
+impl TransformArgs {
+    fn into_config(self) -> JobConfig {
+        let defaults = JobConfig::default();
+        JobConfig {
+            model: self.model,
+            input: self.input,
+            output: self.output,
+            top_k: self.top_k,
+            max_batch_size: self.max_batch_size,
+            batch_wait: Duration::from_millis(self.batch_wait_ms),
+            max_concurrent: self.max_concurrent,
+            threads: self.threads.unwrap_or(defaults.threads),
+            decode_threads: self.decode_threads.unwrap_or(defaults.decode_threads),
+            intra_op_threads: self.intra_op_threads,
+            backend: self.backend,
+            on_error: self.on_error,
+            max_image_pixels: self.max_image_pixels,
+            dct_scaling: !self.no_dct_scaling,
+            part_size: self.part_size_mb << 20,
+            report: self.report,
+            progress: self.progress,
+            max_retries: self.max_retries,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+                .unwrap_or_else(|_| "info,ort=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("starting the async runtime");
+    match cli.command {
+        Command::Transform(args) => {
+            let config = args.into_config();
+            match runtime.block_on(transform::run(config)) {
+                Ok(report) => summarise(&report),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+    }
+}
+
+fn summarise(r: &JobReport) -> ExitCode {
+    eprintln!(
+        "transform finished in {:.1}s: {} objects ({} written, {} failed, {} already done), {} records, {:.1} records/s",
+        r.wall_seconds,
+        r.objects_total,
+        r.objects_succeeded,
+        r.objects_failed,
+        r.objects_skipped,
+        r.records,
+        r.records_per_second
+    );
+    for f in &r.failures {
+        match f.record {
+            Some(i) => eprintln!("failed: {} record {i}: {}", f.object, f.reason),
+            None => eprintln!("failed: {}: {}", f.object, f.reason),
+        }
+    }
+    if r.objects_failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}

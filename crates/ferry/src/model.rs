@@ -1,0 +1,238 @@
+//! A model as the user names it: an `.onnx` file, or a directory that describes itself.
+//!
+//! A directory holds `model.onnx`, an optional `ferry.toml` (how to turn inputs into the model's
+//! tensor, and how to read its outputs) and an optional `labels.txt` (one class name per line, in
+//! output order). It plays the part of a TF Serving model folder or a SageMaker `model.tar.gz`:
+//! everything needed to run the model travels with it, so the command line stays short.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Errors reading a model directory.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// Neither an `.onnx` file nor a directory holding `model.onnx`.
+    #[error("{0}: not an .onnx file or a directory holding model.onnx")]
+    NotFound(PathBuf),
+    /// `ferry.toml` exists but cannot be read or is invalid.
+    #[error("{path}: {reason}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// How an image becomes the model's input tensor.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageInput {
+    /// Resize before cropping: one number resizes the short side to it (keeping the aspect
+    /// ratio), `[h, w]` resizes to exactly that. Absent: resize straight to the model's size.
+    #[serde(default)]
+    pub resize: Option<Resize>,
+    /// Centre crop `[h, w]` after resizing.
+    #[serde(default)]
+    pub crop: Option<[u32; 2]>,
+    /// Pixels are divided by this before `mean`/`std` are applied.
+    #[serde(default = "default_scale")]
+    pub scale: f32,
+    /// Per-channel mean, subtracted after scaling.
+    #[serde(default = "zeros")]
+    pub mean: [f32; 3],
+    /// Per-channel standard deviation, divided by last.
+    #[serde(default = "ones")]
+    pub std: [f32; 3],
+    /// Channel order the model expects.
+    #[serde(default)]
+    pub channels: Channels,
+    /// Tensor layout the model expects.
+    #[serde(default)]
+    pub layout: Layout,
+}
+
+impl Default for ImageInput {
+    fn default() -> Self {
+        Self {
+            resize: None,
+            crop: None,
+            scale: default_scale(),
+            mean: zeros(),
+            std: ones(),
+            channels: Channels::default(),
+            layout: Layout::default(),
+        }
+    }
+}
+
+fn default_scale() -> f32 {
+    255.0
+}
+fn zeros() -> [f32; 3] {
+    [0.0; 3]
+}
+fn ones() -> [f32; 3] {
+    [1.0; 3]
+}
+
+/// A resize target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Resize {
+    /// The short side becomes this many pixels.
+    ShortSide(u32),
+    /// Exactly `[h, w]`.
+    Exact([u32; 2]),
+}
+
+/// Channel order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Channels {
+    /// Red, green, blue.
+    #[default]
+    Rgb,
+    /// Blue, green, red (Caffe and OpenCV models).
+    Bgr,
+}
+
+/// Tensor layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// `[batch, channel, height, width]` (PyTorch).
+    #[default]
+    Nchw,
+    /// `[batch, height, width, channel]` (TensorFlow).
+    Nhwc,
+}
+
+/// How the model's outputs are read.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    /// The output that holds class scores (for `softmax` and top-k); the first output if absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Apply a softmax to that output (for graphs that end in logits).
+    #[serde(default)]
+    pub softmax: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FerryToml {
+    #[serde(default)]
+    input: ImageInput,
+    #[serde(default)]
+    output: OutputSpec,
+}
+
+/// A model and what travels with it.
+#[derive(Debug, Clone)]
+pub struct ModelDir {
+    /// The ONNX file.
+    pub onnx: PathBuf,
+    /// Input pre-processing.
+    pub input: ImageInput,
+    /// Output post-processing.
+    pub output: OutputSpec,
+    /// Class names in output order.
+    pub labels: Option<Vec<String>>,
+}
+
+impl ModelDir {
+    /// Reads `path`: an `.onnx` file (defaults for everything else) or a model directory.
+    pub fn open(path: &Path) -> Result<Self, ModelError> {
+        if path.is_file() {
+            return Ok(Self {
+                onnx: path.to_owned(),
+                input: ImageInput::default(),
+                output: OutputSpec::default(),
+                labels: None,
+            });
+        }
+        let onnx = path.join("model.onnx");
+        if !onnx.is_file() {
+            return Err(ModelError::NotFound(path.to_owned()));
+        }
+        let toml_path = path.join("ferry.toml");
+        let config: FerryToml = if toml_path.is_file() {
+            let text = std::fs::read_to_string(&toml_path).map_err(|e| ModelError::Config {
+                path: toml_path.clone(),
+                reason: e.to_string(),
+            })?;
+            toml::from_str(&text).map_err(|e| ModelError::Config {
+                path: toml_path.clone(),
+                reason: e.to_string(),
+            })?
+        } else {
+            FerryToml::default()
+        };
+        let labels_path = path.join("labels.txt");
+        let labels = if labels_path.is_file() {
+            let text = std::fs::read_to_string(&labels_path).map_err(|e| ModelError::Config {
+                path: labels_path.clone(),
+                reason: e.to_string(),
+            })?;
+            Some(text.lines().map(|l| l.trim_end().to_string()).collect())
+        } else {
+            None
+        };
+        Ok(Self {
+            onnx,
+            input: config.input,
+            output: config.output,
+            labels,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_a_full_ferry_toml() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("model.onnx"), b"x").unwrap();
+        std::fs::write(
+            dir.path().join("ferry.toml"),
+            "[input]\nresize = 256\ncrop = [224, 224]\nmean = [0.5, 0.5, 0.5]\nstd = [0.25, 0.25, 0.25]\n\
+             channels = \"bgr\"\nlayout = \"nhwc\"\n[output]\nname = \"prob\"\nsoftmax = true\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("labels.txt"), "cat\ndog\n").unwrap();
+        let m = ModelDir::open(dir.path()).unwrap();
+        assert_eq!(m.input.resize, Some(Resize::ShortSide(256)));
+        assert_eq!(m.input.crop, Some([224, 224]));
+        assert_eq!(m.input.channels, Channels::Bgr);
+        assert_eq!(m.input.layout, Layout::Nhwc);
+        assert_eq!(m.output.name.as_deref(), Some("prob"));
+        assert!(m.output.softmax);
+        assert_eq!(m.labels, Some(vec!["cat".to_string(), "dog".to_string()]));
+    }
+
+    #[test]
+    fn rejects_unknown_keys_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("model.onnx"), b"x").unwrap();
+        std::fs::write(dir.path().join("ferry.toml"), "[input]\nresise = 256\n").unwrap();
+        let err = ModelDir::open(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("ferry.toml") && err.contains("resise"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_directory_without_model_onnx_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            ModelDir::open(dir.path()),
+            Err(ModelError::NotFound(_))
+        ));
+    }
+}

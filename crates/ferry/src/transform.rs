@@ -1,0 +1,966 @@
+//! `ferry transform`: every object under a prefix through the model, one `.out` per object.
+//!
+//! The job is a fixed chain of stages joined by bounded channels, so a slow model slows the
+//! fetching instead of filling memory:
+//!
+//! ```text
+//! list → GET (async, ≤ max_concurrent objects in flight) → decode threads → model threads → assemble → PUT
+//! ```
+//!
+//! Fetching and writing are async (tokio, object_store); decoding and inference are CPU work on
+//! their own OS threads, never on the runtime. Each model thread owns one backend instance and
+//! forms its own batches from whatever is decoded, so batches span objects. Records carry
+//! `(object, index)` and the assembler puts them back in order; an object is written once all its
+//! records are back, with one atomic put (multipart past `part_size`), so no partial `.out` is
+//! ever visible. A permit per object, taken before its GET and given back after its PUT, bounds
+//! memory.
+//!
+//! Resume needs no journal: outputs are deterministic (the runtime's results do not depend on how
+//! records are batched), so an object whose `.out` exists is finished, and a rerun skips it.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ferry_backend::{Backend, BackendError, BackendKind, LoadOptions, Model, Tensor};
+use futures::TryStreamExt;
+use object_store::buffered::BufWriter;
+use object_store::path::Path;
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::encode::{Encoder, RecordOutputs};
+use crate::image::{ImageDecoder, ImagePlan, PlanError};
+use crate::model::{Layout, ModelDir, ModelError};
+use crate::progress::{Progress, ProgressMode};
+use crate::store::{Location, StoreError};
+
+/// What to do with a record that fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnError {
+    /// Fail the whole object: no `.out` for it (SageMaker's rule).
+    #[default]
+    FailObject,
+    /// Write `{"error": "..."}` in place of that record's prediction.
+    ErrorRecord,
+}
+
+/// Everything a transform job needs; build one with `..Default::default()`.
+#[derive(Debug, Clone)]
+pub struct JobConfig {
+    /// An `.onnx` file or a model directory.
+    pub model: PathBuf,
+    /// Input location: a folder, `file://...` or `s3://bucket/prefix`.
+    pub input: String,
+    /// Output location, same forms.
+    pub output: String,
+    /// Keep only the best `k` classes of the score output.
+    pub top_k: Option<usize>,
+    /// Most records per model call.
+    pub max_batch_size: usize,
+    /// How long a model thread waits to fill a batch once it has one record.
+    pub batch_wait: Duration,
+    /// Objects in flight (fetched but not yet written).
+    pub max_concurrent: usize,
+    /// Model threads, each with its own backend instance.
+    pub threads: usize,
+    /// Decode threads.
+    pub decode_threads: usize,
+    /// Threads inside one model call.
+    pub intra_op_threads: usize,
+    /// Which runtime.
+    pub backend: BackendKind,
+    /// What a failed record does to its object.
+    pub on_error: OnError,
+    /// Largest image, in declared pixels, that will be decoded.
+    pub max_image_pixels: u64,
+    /// Decode large JPEGs at 1/2, 1/4 or 1/8 scale when that still leaves enough pixels.
+    pub dct_scaling: bool,
+    /// Outputs larger than this are uploaded in parts of this size.
+    pub part_size: usize,
+    /// Where to write the job report; `<output>/_ferry/report.json` when absent.
+    pub report: Option<PathBuf>,
+    /// How progress is shown.
+    pub progress: ProgressMode,
+    /// Retries of a failed request to a remote store.
+    pub max_retries: usize,
+}
+
+impl Default for JobConfig {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self {
+            model: PathBuf::new(),
+            input: String::new(),
+            output: String::new(),
+            top_k: None,
+            max_batch_size: 8,
+            batch_wait: Duration::from_millis(5),
+            max_concurrent: 64,
+            threads: cores,
+            decode_threads: cores,
+            intra_op_threads: 1,
+            backend: BackendKind::Auto,
+            on_error: OnError::FailObject,
+            max_image_pixels: 178_956_970,
+            dct_scaling: true,
+            part_size: 8 << 20,
+            report: None,
+            progress: ProgressMode::Auto,
+            max_retries: 10,
+        }
+    }
+}
+
+/// Errors that stop a job before or outside any one object.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The model path or its `ferry.toml`.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The runtime could not load or accept the model.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// Pre-processing does not fit the model.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// A location could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Listing failed (unreachable store, bad credentials, missing bucket).
+    #[error("listing {url}: {source}")]
+    List {
+        /// The location.
+        url: String,
+        /// The store's error.
+        source: object_store::Error,
+    },
+    /// A configuration value out of range.
+    #[error("{0}")]
+    Config(String),
+    /// The report could not be written.
+    #[error("writing the job report to {path}: {reason}")]
+    Report {
+        /// Where.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One failed object or record.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Failure {
+    /// Input key.
+    pub object: String,
+    /// Record index inside the object, when the failure is one record's.
+    pub record: Option<usize>,
+    /// What went wrong.
+    pub reason: String,
+}
+
+/// Cumulative busy time per stage, summed over threads.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StageSeconds {
+    /// Listing inputs and finished outputs.
+    pub list: f64,
+    /// GETs.
+    pub fetch: f64,
+    /// Image decoding and pre-processing.
+    pub decode: f64,
+    /// Model calls.
+    pub infer: f64,
+    /// Building `.out` bodies.
+    pub encode: f64,
+    /// PUTs.
+    pub write: f64,
+}
+
+/// The machine-readable account of a job.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobReport {
+    /// Input location.
+    pub input: String,
+    /// Output location.
+    pub output: String,
+    /// Model file.
+    pub model: String,
+    /// Runtime that ran it.
+    pub runtime: String,
+    /// Objects under the input prefix.
+    pub objects_total: usize,
+    /// Objects written by this run.
+    pub objects_succeeded: usize,
+    /// Objects that got no `.out`.
+    pub objects_failed: usize,
+    /// Objects whose `.out` already existed (finished by an earlier run).
+    pub objects_skipped: usize,
+    /// Records that went through the model.
+    pub records: u64,
+    /// Records that failed.
+    pub records_failed: u64,
+    /// Model calls and their mean size.
+    pub batches: u64,
+    /// Mean records per model call.
+    pub mean_batch_size: f64,
+    /// Bytes read.
+    pub bytes_read: u64,
+    /// Bytes written.
+    pub bytes_written: u64,
+    /// Wall time of the whole job.
+    pub wall_seconds: f64,
+    /// Records per second over the wall time.
+    pub records_per_second: f64,
+    /// Busy time per stage.
+    pub stage_seconds: StageSeconds,
+    /// What failed and why.
+    pub failures: Vec<Failure>,
+}
+
+#[derive(Default)]
+struct Stats {
+    fetch_ns: AtomicU64,
+    decode_ns: AtomicU64,
+    infer_ns: AtomicU64,
+    encode_ns: AtomicU64,
+    write_ns: AtomicU64,
+    batches: AtomicU64,
+    batch_items: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+}
+
+impl Stats {
+    fn add(counter: &AtomicU64, since: Instant) {
+        counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+    fn secs(counter: &AtomicU64) -> f64 {
+        counter.load(Ordering::Relaxed) as f64 / 1e9
+    }
+}
+
+/// An input object the job will process.
+struct Item {
+    key: Path,
+    out_key: Path,
+}
+
+struct DecodeJob {
+    id: usize,
+    index: usize,
+    bytes: Bytes,
+}
+
+struct Decoded {
+    id: usize,
+    index: usize,
+    tensor: Vec<f32>,
+}
+
+enum Event {
+    Fetched {
+        id: usize,
+        records: usize,
+        permit: OwnedSemaphorePermit,
+    },
+    FetchFailed {
+        id: usize,
+        reason: String,
+    },
+    Record {
+        id: usize,
+        index: usize,
+        outcome: Result<RecordOutputs, String>,
+    },
+    Written {
+        id: usize,
+        outcome: Result<(), String>,
+    },
+}
+
+/// Everything about the model that the stages need, checked before any object is read.
+struct Prepared {
+    model: Arc<dyn Model>,
+    plan: ImagePlan,
+    encoder: Encoder,
+}
+
+fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
+    let dir = ModelDir::open(&cfg.model)?;
+    let options = LoadOptions {
+        kind: cfg.backend,
+        intra_op_threads: cfg.intra_op_threads,
+        onnxruntime_path: None,
+    };
+    let model = ferry_backend::load(&dir.onnx, &options)?;
+    let info = model.info();
+    let model_hw =
+        info.inputs
+            .first()
+            .and_then(|i| match (dir.input.layout, i.shape.as_slice()) {
+                (Layout::Nchw, [_, _, Some(h), Some(w)])
+                | (Layout::Nhwc, [_, Some(h), Some(w), _]) => Some((*h as u32, *w as u32)),
+                _ => None,
+            });
+    let plan = ImagePlan::new(&dir.input, model_hw, cfg.max_image_pixels)?
+        .with_dct_scaling(cfg.dct_scaling);
+    let mut shape = vec![1];
+    shape.extend(plan.item_shape());
+    ferry_backend::check_input(info, &shape)?;
+    let output_names: Vec<String> = info.outputs.iter().map(|o| o.name.clone()).collect();
+    let score_output = match &dir.output.name {
+        Some(name) => output_names.iter().position(|n| n == name).ok_or_else(|| {
+            JobError::Config(format!(
+                "ferry.toml names output {name:?}, the model has {output_names:?}"
+            ))
+        })?,
+        None => 0,
+    };
+    let encoder = Encoder {
+        output_names,
+        score_output,
+        softmax: dir.output.softmax,
+        top_k: cfg.top_k,
+        labels: dir.labels.clone(),
+    };
+    Ok(Prepared {
+        model,
+        plan,
+        encoder,
+    })
+}
+
+async fn list(location: &Location) -> Result<Vec<ObjectMeta>, JobError> {
+    location
+        .store
+        .list(Some(&location.prefix))
+        .try_collect()
+        .await
+        .map_err(|source| JobError::List {
+            url: location.url.clone(),
+            source,
+        })
+}
+
+/// The output prefix relative to the input prefix when outputs are written inside the inputs, so
+/// that a rerun does not take its own outputs for inputs.
+fn nested_output(input: &str, output: &str) -> Option<Vec<String>> {
+    let norm = |s: &str| -> String {
+        if s.contains("://") && !s.starts_with("file://") {
+            return s.trim_end_matches('/').to_string();
+        }
+        let p = PathBuf::from(s.strip_prefix("file://").unwrap_or(s));
+        std::fs::canonicalize(&p)
+            .unwrap_or(p)
+            .to_string_lossy()
+            .trim_end_matches('/')
+            .to_string()
+    };
+    let (i, o) = (norm(input), norm(output));
+    let rest = o.strip_prefix(&i)?.strip_prefix('/')?;
+    Some(rest.split('/').map(str::to_string).collect())
+}
+
+/// Runs a transform job to the end and returns its report. Per-object failures are in the report;
+/// an `Err` means the job could not run at all.
+pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
+    let started = Instant::now();
+    if cfg.max_batch_size == 0
+        || cfg.max_concurrent == 0
+        || cfg.threads == 0
+        || cfg.decode_threads == 0
+    {
+        return Err(JobError::Config(
+            "batch size, concurrency and thread counts must be at least 1".into(),
+        ));
+    }
+    if cfg.part_size < 5 << 20 {
+        return Err(JobError::Config(
+            "part size must be at least 5 MiB (the S3 minimum)".into(),
+        ));
+    }
+    let prepared = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || prepare(&cfg))
+            .await
+            .expect("model preparation panicked")?
+    };
+    let input = Location::open(&cfg.input, false, cfg.max_retries)?;
+    let output = Location::open(&cfg.output, true, cfg.max_retries)?;
+    let runtime = prepared.model.runtime();
+    tracing::info!(model = %cfg.model.display(), %runtime, input = %input.url, output = %output.url, "starting transform");
+
+    let list_started = Instant::now();
+    let done: HashSet<Path> = list(&output)
+        .await?
+        .into_iter()
+        .map(|m| m.location)
+        .filter(|p| p.as_ref().ends_with(".out"))
+        .collect();
+    let mut objects = list(&input).await?;
+    let list_seconds = list_started.elapsed().as_secs_f64();
+    objects.sort_by(|a, b| a.location.cmp(&b.location));
+    let exclude = nested_output(&cfg.input, &cfg.output);
+
+    let mut failures = Vec::new();
+    let mut items = Vec::new();
+    let mut skipped = 0;
+    let mut objects_total = 0;
+    for meta in objects {
+        let parts = input.relative(&meta.location).unwrap_or_default();
+        if let Some(ex) = &exclude {
+            if parts.len() >= ex.len() && parts.iter().zip(ex).all(|(a, b)| a == b) {
+                continue;
+            }
+        }
+        objects_total += 1;
+        match output.child(&parts, ".out") {
+            Ok(out_key) if done.contains(&out_key) => skipped += 1,
+            Ok(out_key) => items.push(Item {
+                key: meta.location,
+                out_key,
+            }),
+            Err(reason) => failures.push(Failure {
+                object: meta.location.to_string(),
+                record: None,
+                reason,
+            }),
+        }
+    }
+    let rejected = failures.len();
+    if skipped > 0 {
+        tracing::info!(
+            skipped,
+            "resuming: objects with an existing .out are skipped"
+        );
+    }
+
+    let stats = Arc::new(Stats::default());
+    let items = Arc::new(items);
+    let outcome = run_pipeline(
+        &cfg,
+        prepared,
+        &input,
+        &output,
+        items.clone(),
+        stats.clone(),
+        skipped,
+    )
+    .await;
+    failures.extend(outcome.failures);
+
+    let wall = started.elapsed().as_secs_f64();
+    let batches = stats.batches.load(Ordering::Relaxed);
+    let report = JobReport {
+        input: input.url.clone(),
+        output: output.url.clone(),
+        model: cfg.model.display().to_string(),
+        runtime,
+        objects_total,
+        objects_succeeded: outcome.succeeded,
+        objects_failed: outcome.failed + rejected,
+        objects_skipped: skipped,
+        records: outcome.records,
+        records_failed: outcome.records_failed,
+        batches,
+        mean_batch_size: if batches > 0 {
+            stats.batch_items.load(Ordering::Relaxed) as f64 / batches as f64
+        } else {
+            0.0
+        },
+        bytes_read: stats.bytes_read.load(Ordering::Relaxed),
+        bytes_written: stats.bytes_written.load(Ordering::Relaxed),
+        wall_seconds: wall,
+        records_per_second: outcome.records as f64 / wall.max(1e-9),
+        stage_seconds: StageSeconds {
+            list: list_seconds,
+            fetch: Stats::secs(&stats.fetch_ns),
+            decode: Stats::secs(&stats.decode_ns),
+            infer: Stats::secs(&stats.infer_ns),
+            encode: Stats::secs(&stats.encode_ns),
+            write: Stats::secs(&stats.write_ns),
+        },
+        failures,
+    };
+    write_report(&cfg, &output, &report).await?;
+    Ok(report)
+}
+
+async fn write_report(
+    cfg: &JobConfig,
+    output: &Location,
+    report: &JobReport,
+) -> Result<(), JobError> {
+    let body = serde_json::to_vec_pretty(report).expect("the report serialises");
+    match &cfg.report {
+        Some(path) => std::fs::write(path, body).map_err(|e| JobError::Report {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        }),
+        None => {
+            let key = output.prefix.clone().join("_ferry").join("report.json");
+            output
+                .store
+                .put(&key, body.into())
+                .await
+                .map(|_| ())
+                .map_err(|e| JobError::Report {
+                    path: key.to_string(),
+                    reason: e.to_string(),
+                })
+        }
+    }
+}
+
+struct PipelineOutcome {
+    succeeded: usize,
+    failed: usize,
+    records: u64,
+    records_failed: u64,
+    failures: Vec<Failure>,
+}
+
+struct Pending {
+    records: Vec<Option<Result<RecordOutputs, String>>>,
+    remaining: usize,
+    permit: OwnedSemaphorePermit,
+}
+
+async fn run_pipeline(
+    cfg: &JobConfig,
+    prepared: Prepared,
+    input: &Location,
+    output: &Location,
+    items: Arc<Vec<Item>>,
+    stats: Arc<Stats>,
+    skipped: usize,
+) -> PipelineOutcome {
+    let Prepared {
+        model,
+        plan,
+        encoder,
+    } = prepared;
+    let encoder = Arc::new(encoder);
+    let item_shape = plan.item_shape();
+    let (decode_tx, decode_rx) = async_channel::bounded::<DecodeJob>(cfg.decode_threads * 4);
+    let (infer_tx, infer_rx) =
+        crossbeam_channel::bounded::<Decoded>(cfg.threads * cfg.max_batch_size * 2);
+    let (event_tx, event_rx) = async_channel::unbounded::<Event>();
+
+    let mut threads = Vec::new();
+    for i in 0..cfg.decode_threads {
+        let (rx, tx, events, stats, plan) = (
+            decode_rx.clone(),
+            infer_tx.clone(),
+            event_tx.clone(),
+            stats.clone(),
+            plan.clone(),
+        );
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("ferry-decode-{i}"))
+                .spawn(move || decode_loop(plan, rx, tx, events, stats))
+                .expect("spawning a decode thread"),
+        );
+    }
+    drop(infer_tx);
+    for i in 0..cfg.threads {
+        let (rx, events, stats, model, shape) = (
+            infer_rx.clone(),
+            event_tx.clone(),
+            stats.clone(),
+            model.clone(),
+            item_shape.clone(),
+        );
+        let (max, wait) = (cfg.max_batch_size, cfg.batch_wait);
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("ferry-model-{i}"))
+                .spawn(move || match model.instance() {
+                    Ok(backend) => infer_loop(backend, rx, events, stats, shape, max, wait),
+                    Err(e) => fail_all(rx, events, &e.to_string()),
+                })
+                .expect("spawning a model thread"),
+        );
+    }
+    drop(infer_rx);
+
+    let semaphore = Arc::new(Semaphore::new(cfg.max_concurrent));
+    let feeder = {
+        let (items, store, events, stats) = (
+            items.clone(),
+            input.store.clone(),
+            event_tx.clone(),
+            stats.clone(),
+        );
+        tokio::spawn(async move {
+            for id in 0..items.len() {
+                let permit = semaphore
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("the semaphore is never closed");
+                let (items, store, events, decode, stats) = (
+                    items.clone(),
+                    store.clone(),
+                    events.clone(),
+                    decode_tx.clone(),
+                    stats.clone(),
+                );
+                tokio::spawn(async move {
+                    let t = Instant::now();
+                    let got = match store.get(&items[id].key).await {
+                        Ok(r) => r.bytes().await,
+                        Err(e) => Err(e),
+                    };
+                    Stats::add(&stats.fetch_ns, t);
+                    match got {
+                        Ok(bytes) => {
+                            stats
+                                .bytes_read
+                                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                            let _ = events
+                                .send(Event::Fetched {
+                                    id,
+                                    records: 1,
+                                    permit,
+                                })
+                                .await;
+                            let _ = decode
+                                .send(DecodeJob {
+                                    id,
+                                    index: 0,
+                                    bytes,
+                                })
+                                .await;
+                        }
+                        Err(e) => {
+                            drop(permit);
+                            let _ = events
+                                .send(Event::FetchFailed {
+                                    id,
+                                    reason: format!("read failed: {e}"),
+                                })
+                                .await;
+                        }
+                    }
+                });
+            }
+        })
+    };
+    drop(event_tx);
+
+    let mut progress = Progress::new(cfg.progress, items.len(), skipped);
+    let mut pending: HashMap<usize, Pending> = HashMap::new();
+    let mut out = PipelineOutcome {
+        succeeded: 0,
+        failed: 0,
+        records: 0,
+        records_failed: 0,
+        failures: Vec::new(),
+    };
+    let mut finished = 0;
+    // Writers hold a sender so the loop can hear their results; the loop ends when every object is
+    // accounted for.
+    let (writer_tx, writer_rx) = async_channel::unbounded::<Event>();
+    let mut stages_open = true;
+    let mut writing = 0usize;
+    while finished < items.len() {
+        if !stages_open && writing == 0 {
+            break;
+        }
+        let event = tokio::select! {
+            e = event_rx.recv(), if stages_open => match e {
+                Ok(e) => e,
+                Err(_) => {
+                    stages_open = false;
+                    continue;
+                }
+            },
+            e = writer_rx.recv() => e.expect("the loop holds a writer sender"),
+        };
+        match event {
+            Event::Fetched {
+                id,
+                records,
+                permit,
+            } => {
+                pending.insert(
+                    id,
+                    Pending {
+                        records: (0..records).map(|_| None).collect(),
+                        remaining: records,
+                        permit,
+                    },
+                );
+            }
+            Event::FetchFailed { id, reason } => {
+                out.failed += 1;
+                finished += 1;
+                out.failures.push(Failure {
+                    object: items[id].key.to_string(),
+                    record: None,
+                    reason,
+                });
+                progress.object_done(0, true);
+            }
+            Event::Record { id, index, outcome } => {
+                let p = pending
+                    .get_mut(&id)
+                    .expect("a record arrived for an object never fetched. This is a bug.");
+                out.records += 1;
+                if let Err(reason) = &outcome {
+                    out.records_failed += 1;
+                    out.failures.push(Failure {
+                        object: items[id].key.to_string(),
+                        record: Some(index),
+                        reason: reason.clone(),
+                    });
+                }
+                p.records[index] = Some(outcome);
+                p.remaining -= 1;
+                if p.remaining > 0 {
+                    continue;
+                }
+                let p = pending.remove(&id).expect("present");
+                let mut records: Vec<_> = p
+                    .records
+                    .into_iter()
+                    .map(|r| r.expect("all records are back"))
+                    .collect();
+                let record_count = records.len() as u64;
+                if cfg.on_error == OnError::FailObject && records.iter().any(|r| r.is_err()) {
+                    out.failed += 1;
+                    finished += 1;
+                    progress.object_done(record_count, true);
+                    continue;
+                }
+                let (store, key, encoder, stats, tx) = (
+                    output.store.clone(),
+                    items[id].out_key.clone(),
+                    encoder.clone(),
+                    stats.clone(),
+                    writer_tx.clone(),
+                );
+                let part_size = cfg.part_size;
+                let permit = p.permit;
+                writing += 1;
+                tokio::spawn(async move {
+                    let t = Instant::now();
+                    let body = tokio::task::spawn_blocking(move || encoder.body(&mut records))
+                        .await
+                        .expect("encoding panicked");
+                    Stats::add(&stats.encode_ns, t);
+                    let t = Instant::now();
+                    let len = body.len() as u64;
+                    let outcome = write_object(store, key, body, part_size).await;
+                    Stats::add(&stats.write_ns, t);
+                    if outcome.is_ok() {
+                        stats.bytes_written.fetch_add(len, Ordering::Relaxed);
+                    }
+                    drop(permit);
+                    let _ = tx.send(Event::Written { id, outcome }).await;
+                });
+                progress.records(record_count);
+            }
+            Event::Written { id, outcome } => {
+                writing -= 1;
+                finished += 1;
+                match outcome {
+                    Ok(()) => {
+                        out.succeeded += 1;
+                        progress.object_done(0, false);
+                    }
+                    Err(reason) => {
+                        out.failed += 1;
+                        out.failures.push(Failure {
+                            object: items[id].key.to_string(),
+                            record: None,
+                            reason,
+                        });
+                        progress.object_done(0, true);
+                    }
+                }
+            }
+        }
+    }
+    progress.finish();
+    feeder.await.expect("the feeder task panicked");
+    for t in threads {
+        t.join().expect("a pipeline thread panicked");
+    }
+    if finished < items.len() {
+        for p in pending.keys() {
+            out.failures.push(Failure {
+                object: items[*p].key.to_string(),
+                record: None,
+                reason: "lost in the pipeline. This is a bug.".into(),
+            });
+        }
+    }
+    out
+}
+
+async fn write_object(
+    store: Arc<dyn ObjectStore>,
+    key: Path,
+    body: Vec<u8>,
+    part_size: usize,
+) -> Result<(), String> {
+    let mut writer = BufWriter::with_capacity(store, key, part_size);
+    if let Err(e) = writer.write_all(&body).await {
+        let _ = writer.abort().await;
+        return Err(format!("write failed: {e}"));
+    }
+    writer
+        .shutdown()
+        .await
+        .map_err(|e| format!("write failed: {e}"))
+}
+
+fn decode_loop(
+    plan: ImagePlan,
+    rx: async_channel::Receiver<DecodeJob>,
+    tx: crossbeam_channel::Sender<Decoded>,
+    events: async_channel::Sender<Event>,
+    stats: Arc<Stats>,
+) {
+    let mut decoder = ImageDecoder::new(plan.clone());
+    while let Ok(job) = rx.recv_blocking() {
+        let t = Instant::now();
+        let mut tensor = Vec::with_capacity(plan.item_len());
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            decoder.decode(&job.bytes, &mut tensor)
+        }));
+        Stats::add(&stats.decode_ns, t);
+        let error = match result {
+            Ok(Ok(())) => {
+                if tx
+                    .send(Decoded {
+                        id: job.id,
+                        index: job.index,
+                        tensor,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+                continue;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => {
+                decoder = ImageDecoder::new(plan.clone());
+                "the image decoder panicked on this input".to_string()
+            }
+        };
+        let _ = events.send_blocking(Event::Record {
+            id: job.id,
+            index: job.index,
+            outcome: Err(error),
+        });
+    }
+}
+
+fn infer_loop(
+    mut backend: Box<dyn Backend>,
+    rx: crossbeam_channel::Receiver<Decoded>,
+    events: async_channel::Sender<Event>,
+    stats: Arc<Stats>,
+    item_shape: Vec<usize>,
+    max_batch: usize,
+    wait: Duration,
+) {
+    let item_len: usize = item_shape.iter().product();
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        let deadline = Instant::now() + wait;
+        while batch.len() < max_batch {
+            match rx.recv_deadline(deadline) {
+                Ok(d) => batch.push(d),
+                Err(_) => break,
+            }
+        }
+        let n = batch.len();
+        let mut data = Vec::with_capacity(n * item_len);
+        for d in &batch {
+            data.extend_from_slice(&d.tensor);
+        }
+        let mut shape = vec![n];
+        shape.extend_from_slice(&item_shape);
+        let t = Instant::now();
+        let result = backend.run(&Tensor::new(shape, data));
+        Stats::add(&stats.infer_ns, t);
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats.batch_items.fetch_add(n as u64, Ordering::Relaxed);
+        let result = result.map_err(|e| e.to_string()).and_then(|outputs| {
+            match outputs.iter().find(|o| o.shape.first() != Some(&n)) {
+                Some(o) => Err(format!(
+                    "the model returned shape {:?} for a batch of {n}",
+                    o.shape
+                )),
+                None => Ok(outputs),
+            }
+        });
+        for (i, d) in batch.into_iter().enumerate() {
+            let outcome = match &result {
+                Ok(outputs) => Ok(outputs
+                    .iter()
+                    .map(|o| (o.shape[1..].to_vec(), o.row(i).to_vec()))
+                    .collect()),
+                Err(e) => Err(e.clone()),
+            };
+            let _ = events.send_blocking(Event::Record {
+                id: d.id,
+                index: d.index,
+                outcome,
+            });
+        }
+    }
+}
+
+fn fail_all(
+    rx: crossbeam_channel::Receiver<Decoded>,
+    events: async_channel::Sender<Event>,
+    reason: &str,
+) {
+    tracing::error!("a model instance could not be created: {reason}");
+    while let Ok(d) = rx.recv() {
+        let _ = events.send_blocking(Event::Record {
+            id: d.id,
+            index: d.index,
+            outcome: Err(reason.to_string()),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_inside_inputs_are_recognised() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().to_str().unwrap().to_string();
+        std::fs::create_dir_all(dir.path().join("out/x")).unwrap();
+        assert_eq!(
+            nested_output(&input, &format!("{input}/out/x")),
+            Some(vec!["out".into(), "x".into()])
+        );
+        assert_eq!(
+            nested_output(&format!("{input}/"), &format!("file://{input}/out")),
+            Some(vec!["out".into()])
+        );
+        assert_eq!(nested_output(&format!("{input}/out"), &input), None);
+        assert_eq!(
+            nested_output("s3://b/in", "s3://b/in/out/"),
+            Some(vec!["out".into()])
+        );
+        assert_eq!(nested_output("s3://b/in", "s3://b/input"), None);
+    }
+}
