@@ -67,20 +67,14 @@ pub struct Tensor {
 
 impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Tensor")
-            .field("shape", &self.shape)
-            .finish_non_exhaustive()
+        f.debug_struct("Tensor").field("shape", &self.shape).finish_non_exhaustive()
     }
 }
 
 impl Tensor {
     /// Builds a tensor, checking that the data fits the shape.
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
-        assert_eq!(
-            shape.iter().product::<usize>(),
-            data.len(),
-            "tensor data does not match its shape"
-        );
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor data does not match its shape");
         Self { shape, data }
     }
 
@@ -110,22 +104,14 @@ pub struct IoInfo {
 impl IoInfo {
     /// The shape written with `?` for dynamic axes, e.g. `[?, 3, 224, 224]`.
     pub fn shape_string(&self) -> String {
-        let dims: Vec<String> = self
-            .shape
-            .iter()
-            .map(|d| d.map_or_else(|| "?".to_string(), |d| d.to_string()))
-            .collect();
+        let dims: Vec<String> =
+            self.shape.iter().map(|d| d.map_or_else(|| "?".to_string(), |d| d.to_string())).collect();
         format!("[{}]", dims.join(", "))
     }
 
     /// Whether a concrete shape fits the declared one.
     pub fn accepts(&self, shape: &[usize]) -> bool {
-        self.shape.len() == shape.len()
-            && self
-                .shape
-                .iter()
-                .zip(shape)
-                .all(|(d, s)| d.is_none_or(|d| d == *s))
+        self.shape.len() == shape.len() && self.shape.iter().zip(shape).all(|(d, s)| d.is_none_or(|d| d == *s))
     }
 }
 
@@ -157,9 +143,7 @@ impl std::str::FromStr for BackendKind {
             "auto" => Ok(Self::Auto),
             "ort" | "onnxruntime" => Ok(Self::Ort),
             "tract" => Ok(Self::Tract),
-            other => Err(format!(
-                "unknown backend {other:?}: expected auto, ort or tract"
-            )),
+            other => Err(format!("unknown backend {other:?}: expected auto, ort or tract")),
         }
     }
 }
@@ -178,11 +162,7 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self {
-            kind: BackendKind::Auto,
-            intra_op_threads: 1,
-            onnxruntime_path: None,
-        }
+        Self { kind: BackendKind::Auto, intra_op_threads: 1, onnxruntime_path: None }
     }
 }
 
@@ -209,10 +189,7 @@ pub trait Model: Send + Sync + fmt::Debug {
 /// logged and tract is used.
 pub fn load(path: &Path, options: &LoadOptions) -> Result<Arc<dyn Model>> {
     if !path.is_file() {
-        return Err(BackendError::Load {
-            path: path.to_owned(),
-            reason: "no such file".into(),
-        });
+        return Err(BackendError::Load { path: path.to_owned(), reason: "no such file".into() });
     }
     match options.kind {
         BackendKind::Tract => Ok(Arc::new(tract::TractModel::load(path)?)),
@@ -258,11 +235,7 @@ mod tests {
 
     #[test]
     fn io_info_accepts_dynamic_axes_only() {
-        let io = IoInfo {
-            name: "x".into(),
-            dtype: "float".into(),
-            shape: vec![None, Some(3), Some(224), Some(224)],
-        };
+        let io = IoInfo { name: "x".into(), dtype: "float".into(), shape: vec![None, Some(3), Some(224), Some(224)] };
         assert!(io.accepts(&[7, 3, 224, 224]));
         assert!(!io.accepts(&[7, 3, 224, 225]));
         assert!(!io.accepts(&[3, 224, 224]));
@@ -272,11 +245,7 @@ mod tests {
     #[test]
     fn check_input_names_the_mismatch() {
         let info = ModelInfo {
-            inputs: vec![IoInfo {
-                name: "x".into(),
-                dtype: "float".into(),
-                shape: vec![None, Some(3)],
-            }],
+            inputs: vec![IoInfo { name: "x".into(), dtype: "float".into(), shape: vec![None, Some(3)] }],
             outputs: vec![],
         };
         let err = check_input(&info, &[1, 4]).unwrap_err().to_string();

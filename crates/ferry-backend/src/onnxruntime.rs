@@ -15,28 +15,17 @@ use ort::value::{TensorElementType, TensorRef, ValueType};
 
 use crate::{Backend, BackendError, IoInfo, LoadOptions, Model, ModelInfo, Result, Tensor};
 
-static ENVIRONMENT: OnceLock<
-    std::result::Result<(ort::environment::Environment, PathBuf), String>,
-> = OnceLock::new();
+static ENVIRONMENT: OnceLock<std::result::Result<(ort::environment::Environment, PathBuf), String>> = OnceLock::new();
 
 /// Looks for `libonnxruntime.so` where users usually have it: `ORT_DYLIB_PATH`, the system
 /// library folders, then the `capi/` folder of a Python `onnxruntime` package.
 pub fn find_onnxruntime() -> std::result::Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
         let p = PathBuf::from(p);
-        return if p.is_file() {
-            Ok(p)
-        } else {
-            Err(format!("ORT_DYLIB_PATH={} is not a file", p.display()))
-        };
+        return if p.is_file() { Ok(p) } else { Err(format!("ORT_DYLIB_PATH={} is not a file", p.display())) };
     }
-    let system = [
-        "/usr/local/lib",
-        "/usr/lib",
-        "/usr/lib/x86_64-linux-gnu",
-        "/usr/lib/aarch64-linux-gnu",
-        "/usr/lib64",
-    ];
+    let system =
+        ["/usr/local/lib", "/usr/lib", "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64"];
     for dir in system {
         if let Some(p) = library_in(Path::new(dir)) {
             return Ok(p);
@@ -74,33 +63,23 @@ fn library_in(dir: &Path) -> Option<PathBuf> {
     let mut versioned: Vec<PathBuf> = std::fs::read_dir(dir)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libonnxruntime.so."))
-        })
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libonnxruntime.so.")))
         .collect();
     versioned.sort();
     versioned.pop()
 }
 
-fn environment(
-    explicit: Option<&Path>,
-) -> Result<&'static (ort::environment::Environment, PathBuf)> {
+fn environment(explicit: Option<&Path>) -> Result<&'static (ort::environment::Environment, PathBuf)> {
     let env = ENVIRONMENT.get_or_init(|| {
         let path = match explicit {
             Some(p) => p.to_owned(),
             None => find_onnxruntime()?,
         };
         let builder = ort::init_from(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let env = builder
-            .with_name("ferry")
-            .build()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let env = builder.with_name("ferry").build().map_err(|e| format!("{}: {e}", path.display()))?;
         Ok((env, path))
     });
-    env.as_ref()
-        .map_err(|e| BackendError::RuntimeUnavailable(e.clone()))
+    env.as_ref().map_err(|e| BackendError::RuntimeUnavailable(e.clone()))
 }
 
 /// A model loaded into ONNX Runtime.
@@ -116,52 +95,33 @@ pub(crate) struct OrtModel {
 impl OrtModel {
     pub(crate) fn load(path: &Path, options: &LoadOptions) -> Result<Self> {
         let (_, library) = environment(options.onnxruntime_path.as_deref())?;
-        let bytes = std::fs::read(path).map_err(|e| BackendError::Load {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
+        let bytes =
+            std::fs::read(path).map_err(|e| BackendError::Load { path: path.to_owned(), reason: e.to_string() })?;
         let mut model = Self {
             path: path.to_owned(),
             bytes,
             intra_op_threads: options.intra_op_threads.max(1),
-            info: ModelInfo {
-                inputs: vec![],
-                outputs: vec![],
-            },
+            info: ModelInfo { inputs: vec![], outputs: vec![] },
             library: library.clone(),
         };
         let session = model.session()?;
         model.info = ModelInfo {
-            inputs: session
-                .inputs()
-                .iter()
-                .map(|o| io_info(o.name(), o.dtype()))
-                .collect(),
-            outputs: session
-                .outputs()
-                .iter()
-                .map(|o| io_info(o.name(), o.dtype()))
-                .collect(),
+            inputs: session.inputs().iter().map(|o| io_info(o.name(), o.dtype())).collect(),
+            outputs: session.outputs().iter().map(|o| io_info(o.name(), o.dtype())).collect(),
         };
         Ok(model)
     }
 
     fn session(&self) -> Result<Session> {
         let (env, _) = environment(None)?;
-        build_session(env, &self.bytes, self.intra_op_threads).map_err(|e| BackendError::Load {
-            path: self.path.clone(),
-            reason: e.to_string(),
-        })
+        build_session(env, &self.bytes, self.intra_op_threads)
+            .map_err(|e| BackendError::Load { path: self.path.clone(), reason: e.to_string() })
     }
 }
 
 // `ort::Error<SessionBuilder>` is not `Send`; keeping the builder chain in one function that
 // returns `ort::Result` turns every step's error into the plain kind.
-fn build_session(
-    env: &ort::environment::Environment,
-    bytes: &[u8],
-    threads: usize,
-) -> ort::Result<Session> {
+fn build_session(env: &ort::environment::Environment, bytes: &[u8], threads: usize) -> ort::Result<Session> {
     let mut builder = Session::builder(env)?
         .with_optimization_level(GraphOptimizationLevel::All)?
         .with_intra_threads(threads)?
@@ -174,20 +134,12 @@ fn build_session(
 
 fn io_info(name: &str, ty: &ValueType) -> IoInfo {
     let (dtype, shape) = match ty {
-        ValueType::Tensor { ty, shape, .. } => (
-            element_name(*ty),
-            shape
-                .iter()
-                .map(|&d| usize::try_from(d).ok().filter(|_| d >= 0))
-                .collect(),
-        ),
+        ValueType::Tensor { ty, shape, .. } => {
+            (element_name(*ty), shape.iter().map(|&d| usize::try_from(d).ok().filter(|_| d >= 0)).collect())
+        }
         other => (format!("{other:?}"), vec![]),
     };
-    IoInfo {
-        name: name.to_string(),
-        dtype,
-        shape,
-    }
+    IoInfo { name: name.to_string(), dtype, shape }
 }
 
 fn element_name(ty: TensorElementType) -> String {
@@ -213,10 +165,7 @@ impl Model for OrtModel {
     }
 
     fn instance(&self) -> Result<Box<dyn Backend>> {
-        Ok(Box::new(OrtBackend {
-            session: self.session()?,
-            info: self.info.clone(),
-        }))
+        Ok(Box::new(OrtBackend { session: self.session()?, info: self.info.clone() }))
     }
 }
 
@@ -230,15 +179,11 @@ impl Backend for OrtBackend {
         crate::check_input(&self.info, &input.shape)?;
         let value = TensorRef::from_array_view((input.shape.clone(), input.data.as_slice()))
             .map_err(|e| BackendError::Run(e.to_string()))?;
-        let outputs = self
-            .session
-            .run(ort::inputs![value])
-            .map_err(|e| BackendError::Run(e.to_string()))?;
+        let outputs = self.session.run(ort::inputs![value]).map_err(|e| BackendError::Run(e.to_string()))?;
         let mut tensors = Vec::with_capacity(outputs.len());
         for (name, value) in outputs.iter() {
-            let (shape, data) = value
-                .try_extract_tensor::<f32>()
-                .map_err(|e| BackendError::Run(format!("output {name}: {e}")))?;
+            let (shape, data) =
+                value.try_extract_tensor::<f32>().map_err(|e| BackendError::Run(format!("output {name}: {e}")))?;
             let shape = shape.iter().map(|&d| d as usize).collect();
             tensors.push(Tensor::new(shape, data.to_vec()));
         }

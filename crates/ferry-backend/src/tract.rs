@@ -26,52 +26,33 @@ struct Inner {
 
 impl std::fmt::Debug for TractModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TractModel")
-            .field("path", &self.0.path)
-            .field("info", &self.0.info)
-            .finish_non_exhaustive()
+        f.debug_struct("TractModel").field("path", &self.0.path).field("info", &self.0.info).finish_non_exhaustive()
     }
 }
 
 fn load_error(path: &Path, e: impl std::fmt::Display) -> BackendError {
-    BackendError::Load {
-        path: path.to_owned(),
-        reason: format!("{e:#}"),
-    }
+    BackendError::Load { path: path.to_owned(), reason: format!("{e:#}") }
 }
 
 impl TractModel {
     pub(crate) fn load(path: &Path) -> Result<Self> {
-        let model = tract_onnx::onnx()
-            .model_for_path(path)
-            .map_err(|e| load_error(path, e))?;
-        let typed = model
-            .clone()
-            .into_typed()
-            .map_err(|e| load_error(path, e))?;
+        let model = tract_onnx::onnx().model_for_path(path).map_err(|e| load_error(path, e))?;
+        let typed = model.clone().into_typed().map_err(|e| load_error(path, e))?;
         let describe = |outlets: &[OutletId]| -> Result<Vec<IoInfo>> {
             outlets
                 .iter()
                 .map(|o| {
                     let fact = typed.outlet_fact(*o).map_err(|e| load_error(path, e))?;
                     Ok(IoInfo {
-                        name: typed.node(o.node).name.clone(),
+                        name: typed.outlet_label(*o).unwrap_or(&typed.node(o.node).name).to_string(),
                         dtype: onnx_type_name(fact.datum_type),
                         shape: fact.shape.iter().map(|d| d.to_usize().ok()).collect(),
                     })
                 })
                 .collect()
         };
-        let info = ModelInfo {
-            inputs: describe(&typed.inputs)?,
-            outputs: describe(&typed.outputs)?,
-        };
-        Ok(Self(Arc::new(Inner {
-            path: path.to_owned(),
-            model,
-            info,
-            plans: Mutex::new(HashMap::new()),
-        })))
+        let info = ModelInfo { inputs: describe(&typed.inputs)?, outputs: describe(&typed.outputs)? };
+        Ok(Self(Arc::new(Inner { path: path.to_owned(), model, info, plans: Mutex::new(HashMap::new()) })))
     }
 }
 
@@ -117,9 +98,7 @@ impl crate::Model for TractModel {
     }
 
     fn instance(&self) -> Result<Box<dyn Backend>> {
-        Ok(Box::new(TractBackend {
-            model: self.0.clone(),
-        }))
+        Ok(Box::new(TractBackend { model: self.0.clone() }))
     }
 }
 
@@ -139,19 +118,12 @@ impl Backend for TractBackend {
         for i in 0..batch {
             let item = tract_onnx::prelude::Tensor::from_shape(&item_shape, input.row(i))
                 .map_err(|e| BackendError::Run(e.to_string()))?;
-            let result = plan
-                .run(tvec![item.into_tvalue()])
-                .map_err(|e| BackendError::Run(format!("{e:#}")))?;
+            let result = plan.run(tvec![item.into_tvalue()]).map_err(|e| BackendError::Run(format!("{e:#}")))?;
             if outputs.is_empty() {
-                outputs = result
-                    .iter()
-                    .map(|t| (t.shape().to_vec(), Vec::new()))
-                    .collect();
+                outputs = result.iter().map(|t| (t.shape().to_vec(), Vec::new())).collect();
             }
             for (slot, t) in outputs.iter_mut().zip(result.iter()) {
-                let values = t
-                    .to_plain_array_view::<f32>()
-                    .map_err(|e| BackendError::Run(e.to_string()))?;
+                let values = t.to_plain_array_view::<f32>().map_err(|e| BackendError::Run(e.to_string()))?;
                 slot.1.extend(values.iter().copied());
             }
         }

@@ -112,23 +112,9 @@ impl<'a> TopK<'a> {
         order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
         order.truncate(k);
         let values: Vec<f32> = order.iter().map(|&i| scores[i]).collect();
-        let labels = labels.map(|l| {
-            order
-                .iter()
-                .map(|&i| l.get(i).map_or("", String::as_str))
-                .collect()
-        });
-        let (probabilities, scores) = if probabilities {
-            (Some(values), None)
-        } else {
-            (None, Some(values))
-        };
-        Self {
-            classes: order,
-            labels,
-            probabilities,
-            scores,
-        }
+        let labels = labels.map(|l| order.iter().map(|&i| l.get(i).map_or("", String::as_str)).collect());
+        let (probabilities, scores) = if probabilities { (Some(values), None) } else { (None, Some(values)) };
+        Self { classes: order, labels, probabilities, scores }
     }
 }
 
@@ -172,13 +158,7 @@ mod tests {
     use super::*;
 
     fn encoder() -> Encoder {
-        Encoder {
-            output_names: vec!["logits".into()],
-            score_output: 0,
-            softmax: false,
-            top_k: None,
-            labels: None,
-        }
+        Encoder { output_names: vec!["logits".into()], score_output: 0, softmax: false, top_k: None, labels: None }
     }
 
     fn json(bytes: Vec<u8>) -> serde_json::Value {
@@ -187,15 +167,9 @@ mod tests {
 
     #[test]
     fn full_scores_nest_to_the_output_shape() {
-        let mut records = vec![
-            Ok(vec![(vec![2, 2], vec![1.0, 2.5, -3.0, 0.1])]),
-            Ok(vec![(vec![], vec![7.0])]),
-        ];
+        let mut records = vec![Ok(vec![(vec![2, 2], vec![1.0, 2.5, -3.0, 0.1])]), Ok(vec![(vec![], vec![7.0])])];
         let v = json(encoder().body(&mut records));
-        assert_eq!(
-            v,
-            serde_json::json!({"predictions": [[[1.0, 2.5], [-3.0, 0.1]], 7.0]})
-        );
+        assert_eq!(v, serde_json::json!({"predictions": [[[1.0, 2.5], [-3.0, 0.1]], 7.0]}));
     }
 
     #[test]
@@ -206,45 +180,23 @@ mod tests {
             labels: Some(vec!["a".into(), "b".into(), "c".into()]),
             ..encoder()
         };
-        let mut records = vec![
-            Ok(vec![(vec![3], vec![1.0, 3.0, 2.0])]),
-            Err("bad JPEG".to_string()),
-        ];
+        let mut records = vec![Ok(vec![(vec![3], vec![1.0, 3.0, 2.0])]), Err("bad JPEG".to_string())];
         let v = json(e.body(&mut records));
         let p = &v["predictions"][0];
         assert_eq!(p["classes"], serde_json::json!([1, 2]));
         assert_eq!(p["labels"], serde_json::json!(["b", "c"]));
-        let probs: Vec<f64> = p["probabilities"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect();
+        let probs: Vec<f64> = p["probabilities"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
         let z = 1f64.exp() + 3f64.exp() + 2f64.exp();
-        assert!(
-            (probs[0] - 3f64.exp() / z).abs() < 1e-6 && (probs[1] - 2f64.exp() / z).abs() < 1e-6
-        );
-        assert_eq!(
-            v["predictions"][1],
-            serde_json::json!({"error": "bad JPEG"})
-        );
+        assert!((probs[0] - 3f64.exp() / z).abs() < 1e-6 && (probs[1] - 2f64.exp() / z).abs() < 1e-6);
+        assert_eq!(v["predictions"][1], serde_json::json!({"error": "bad JPEG"}));
     }
 
     #[test]
     fn several_outputs_are_keyed_by_name_and_non_finite_is_null() {
-        let e = Encoder {
-            output_names: vec!["a".into(), "b".into()],
-            ..encoder()
-        };
-        let mut records = vec![Ok(vec![
-            (vec![1], vec![f32::NAN]),
-            (vec![2], vec![0.5, 1e-7]),
-        ])];
+        let e = Encoder { output_names: vec!["a".into(), "b".into()], ..encoder() };
+        let mut records = vec![Ok(vec![(vec![1], vec![f32::NAN]), (vec![2], vec![0.5, 1e-7])])];
         let v = json(e.body(&mut records));
-        assert_eq!(
-            v,
-            serde_json::json!({"predictions": [{"a": [null], "b": [0.5, 1e-7]}]})
-        );
+        assert_eq!(v, serde_json::json!({"predictions": [{"a": [null], "b": [0.5, 1e-7]}]}));
     }
 
     #[test]

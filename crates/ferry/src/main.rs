@@ -22,6 +22,31 @@ enum Command {
     /// Run a batch job: every object under --input through the model, one <key>.out per object
     /// under --output.
     Transform(TransformArgs),
+    /// Measure the model alone: every thread runs batches of synthetic input flat out. Prints one
+    /// JSON line.
+    ModelBench(ModelBenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct ModelBenchArgs {
+    /// An .onnx file or a model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Records per model call.
+    #[arg(long, default_value_t = 8)]
+    max_batch_size: usize,
+    /// Model threads [default: CPU cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Threads inside one model call.
+    #[arg(long, default_value_t = 1)]
+    intra_op_threads: usize,
+    /// Model runtime: auto, ort or tract.
+    #[arg(long, default_value = "auto")]
+    backend: BackendKind,
+    /// Seconds to measure.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
 }
 
 #[derive(Debug, Args)]
@@ -122,10 +147,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
-                .unwrap_or_else(|_| "info,ort=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| "info,ort=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -137,6 +162,26 @@ fn main() -> ExitCode {
             let config = args.into_config();
             match runtime.block_on(transform::run(config)) {
                 Ok(report) => summarise(&report),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::ModelBench(args) => {
+            let config = ferry::bench::BenchConfig {
+                model: args.model,
+                batch: args.max_batch_size,
+                threads: args.threads.unwrap_or_else(|| JobConfig::default().threads),
+                intra_op_threads: args.intra_op_threads,
+                backend: args.backend,
+                duration: Duration::from_secs_f64(args.seconds),
+            };
+            match ferry::bench::run(&config) {
+                Ok(report) => {
+                    println!("{}", serde_json::to_string(&report).expect("the report serialises"));
+                    ExitCode::SUCCESS
+                }
                 Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::from(2)

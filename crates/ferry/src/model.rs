@@ -67,6 +67,18 @@ impl Default for ImageInput {
     }
 }
 
+impl ImageInput {
+    /// The height and width the model's first input declares for this layout, when both are fixed.
+    pub fn declared_hw(&self, info: &ferry_backend::ModelInfo) -> Option<(u32, u32)> {
+        info.inputs.first().and_then(|i| match (self.layout, i.shape.as_slice()) {
+            (Layout::Nchw, [_, _, Some(h), Some(w)]) | (Layout::Nhwc, [_, Some(h), Some(w), _]) => {
+                Some((*h as u32, *w as u32))
+            }
+            _ => None,
+        })
+    }
+}
+
 fn default_scale() -> f32 {
     255.0
 }
@@ -160,33 +172,21 @@ impl ModelDir {
         }
         let toml_path = path.join("ferry.toml");
         let config: FerryToml = if toml_path.is_file() {
-            let text = std::fs::read_to_string(&toml_path).map_err(|e| ModelError::Config {
-                path: toml_path.clone(),
-                reason: e.to_string(),
-            })?;
-            toml::from_str(&text).map_err(|e| ModelError::Config {
-                path: toml_path.clone(),
-                reason: e.to_string(),
-            })?
+            let text = std::fs::read_to_string(&toml_path)
+                .map_err(|e| ModelError::Config { path: toml_path.clone(), reason: e.to_string() })?;
+            toml::from_str(&text).map_err(|e| ModelError::Config { path: toml_path.clone(), reason: e.to_string() })?
         } else {
             FerryToml::default()
         };
         let labels_path = path.join("labels.txt");
         let labels = if labels_path.is_file() {
-            let text = std::fs::read_to_string(&labels_path).map_err(|e| ModelError::Config {
-                path: labels_path.clone(),
-                reason: e.to_string(),
-            })?;
+            let text = std::fs::read_to_string(&labels_path)
+                .map_err(|e| ModelError::Config { path: labels_path.clone(), reason: e.to_string() })?;
             Some(text.lines().map(|l| l.trim_end().to_string()).collect())
         } else {
             None
         };
-        Ok(Self {
-            onnx,
-            input: config.input,
-            output: config.output,
-            labels,
-        })
+        Ok(Self { onnx, input: config.input, output: config.output, labels })
     }
 }
 
@@ -221,18 +221,12 @@ mod tests {
         std::fs::write(dir.path().join("model.onnx"), b"x").unwrap();
         std::fs::write(dir.path().join("ferry.toml"), "[input]\nresise = 256\n").unwrap();
         let err = ModelDir::open(dir.path()).unwrap_err().to_string();
-        assert!(
-            err.contains("ferry.toml") && err.contains("resise"),
-            "{err}"
-        );
+        assert!(err.contains("ferry.toml") && err.contains("resise"), "{err}");
     }
 
     #[test]
     fn a_directory_without_model_onnx_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(
-            ModelDir::open(dir.path()),
-            Err(ModelError::NotFound(_))
-        ));
+        assert!(matches!(ModelDir::open(dir.path()), Err(ModelError::NotFound(_))));
     }
 }

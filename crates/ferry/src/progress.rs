@@ -54,16 +54,7 @@ impl Progress {
         });
         let log = bar.is_none() && mode != ProgressMode::Off;
         let now = Instant::now();
-        Self {
-            bar,
-            log,
-            total,
-            objects: 0,
-            failed: 0,
-            records: 0,
-            started: now,
-            last_log: now,
-        }
+        Self { bar, log, total, objects: 0, failed: 0, records: 0, started: now, last_log: now }
     }
 
     pub(crate) fn records(&mut self, n: u64) {
@@ -77,18 +68,11 @@ impl Progress {
         let rate = self.records as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
         if let Some(b) = &self.bar {
             b.set_position(self.objects as u64);
-            b.set_message(format!(
-                "{} records  {rate:.1} rec/s  {} failed",
-                self.records, self.failed
-            ));
+            b.set_message(format!("{} records  {rate:.1} rec/s  {} failed", self.records, self.failed));
         } else if self.log && self.last_log.elapsed() >= LOG_EVERY {
             self.last_log = Instant::now();
             let left = self.total - self.objects;
-            let eta = if rate > 0.0 {
-                left as f64 * self.records as f64 / self.objects as f64 / rate
-            } else {
-                0.0
-            };
+            let eta = if rate > 0.0 { left as f64 * self.records as f64 / self.objects as f64 / rate } else { 0.0 };
             tracing::info!(
                 "{}/{} objects, {} records, {rate:.1} rec/s, {} failed, ETA {eta:.0}s",
                 self.objects,

@@ -55,61 +55,34 @@ impl Location {
     /// Opens `url`. With `create`, a local folder is created if missing (for outputs);
     /// `max_retries` bounds retries of a failed request to a remote store.
     pub fn open(url: &str, create: bool, max_retries: usize) -> Result<Self, StoreError> {
-        if let Some(rest) = url
-            .strip_prefix("s3://")
-            .or_else(|| url.strip_prefix("s3a://"))
-        {
+        if let Some(rest) = url.strip_prefix("s3://").or_else(|| url.strip_prefix("s3a://")) {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            let retry = RetryConfig {
-                max_retries,
-                ..Default::default()
-            };
-            let mut builder = AmazonS3Builder::from_env()
-                .with_bucket_name(bucket)
-                .with_retry(retry);
-            let endpoint =
-                std::env::var("AWS_ENDPOINT_URL").or_else(|_| std::env::var("AWS_ENDPOINT"));
+            let retry = RetryConfig { max_retries, ..Default::default() };
+            let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket).with_retry(retry);
+            let endpoint = std::env::var("AWS_ENDPOINT_URL").or_else(|_| std::env::var("AWS_ENDPOINT"));
             if endpoint.is_ok_and(|e| e.starts_with("http://")) {
                 builder = builder.with_allow_http(true);
             }
-            let store = builder.build().map_err(|source| StoreError::Config {
-                url: url.to_string(),
-                source,
-            })?;
-            return Ok(Self {
-                store: Arc::new(store),
-                prefix: Path::from(prefix),
-                url: url.to_string(),
-            });
+            let store = builder.build().map_err(|source| StoreError::Config { url: url.to_string(), source })?;
+            return Ok(Self { store: Arc::new(store), prefix: Path::from(prefix), url: url.to_string() });
         }
         if url.contains("://") && !url.starts_with("file://") {
             return Err(StoreError::Unsupported(url.to_string()));
         }
         let dir = PathBuf::from(url.strip_prefix("file://").unwrap_or(url));
         if create {
-            std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
-                path: dir.clone(),
-                source,
-            })?;
+            std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io { path: dir.clone(), source })?;
         } else if !dir.is_dir() {
             return Err(StoreError::NoSuchFolder(dir));
         }
-        let store =
-            LocalFileSystem::new_with_prefix(&dir).map_err(|source| StoreError::Config {
-                url: url.to_string(),
-                source,
-            })?;
-        Ok(Self {
-            store: Arc::new(store),
-            prefix: Path::default(),
-            url: url.to_string(),
-        })
+        let store = LocalFileSystem::new_with_prefix(&dir)
+            .map_err(|source| StoreError::Config { url: url.to_string(), source })?;
+        Ok(Self { store: Arc::new(store), prefix: Path::default(), url: url.to_string() })
     }
 
     /// `key` relative to this location's prefix, as its parts.
     pub fn relative(&self, key: &Path) -> Option<Vec<String>> {
-        key.prefix_match(&self.prefix)
-            .map(|parts| parts.map(|p| p.as_ref().to_string()).collect())
+        key.prefix_match(&self.prefix).map(|parts| parts.map(|p| p.as_ref().to_string()).collect())
     }
 
     /// This location's key for relative `parts` plus `suffix` on the last part.
@@ -122,12 +95,7 @@ impl Location {
         };
         let mut key = self.prefix.clone();
         for part in dirs.iter().chain(std::iter::once(last)).map(AsRef::as_ref) {
-            if part.is_empty()
-                || part == "."
-                || part == ".."
-                || part.contains('/')
-                || part.contains('\\')
-            {
+            if part.is_empty() || part == "." || part == ".." || part.contains('/') || part.contains('\\') {
                 return Err(format!("key part {part:?} is not allowed in an output key"));
             }
         }
@@ -156,32 +124,21 @@ mod tests {
         let output = loc("out");
         let key = Path::from("in/images/a/b.jpg");
         let parts = input.relative(&key).unwrap();
-        assert_eq!(
-            output.child(&parts, ".out").unwrap(),
-            Path::from("out/a/b.jpg.out")
-        );
+        assert_eq!(output.child(&parts, ".out").unwrap(), Path::from("out/a/b.jpg.out"));
         assert!(input.relative(&Path::from("elsewhere/b.jpg")).is_none());
     }
 
     #[test]
     fn keys_that_climb_out_are_refused() {
         let output = loc("out");
-        for bad in [
-            &["..", "etc", "passwd"][..],
-            &["a", ".", "b"],
-            &["", "x"],
-            &["a\\..\\b"],
-            &["a/b"],
-        ] {
+        for bad in [&["..", "etc", "passwd"][..], &["a", ".", "b"], &["", "x"], &["a\\..\\b"], &["a/b"]] {
             assert!(output.child(bad, ".out").is_err(), "{bad:?}");
         }
     }
 
     #[test]
     fn a_missing_input_folder_is_named() {
-        let err = Location::open("/nonexistent/ferry-input", false, 0)
-            .unwrap_err()
-            .to_string();
+        let err = Location::open("/nonexistent/ferry-input", false, 0).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/ferry-input"), "{err}");
         assert!(Location::open("gopher://x/y", false, 0).is_err());
     }

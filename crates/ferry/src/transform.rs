@@ -36,7 +36,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::encode::{Encoder, RecordOutputs};
 use crate::image::{ImageDecoder, ImagePlan, PlanError};
-use crate::model::{Layout, ModelDir, ModelError};
+use crate::model::{ModelDir, ModelError};
 use crate::progress::{Progress, ProgressMode};
 use crate::store::{Location, StoreError};
 
@@ -264,24 +264,10 @@ struct Decoded {
 }
 
 enum Event {
-    Fetched {
-        id: usize,
-        records: usize,
-        permit: OwnedSemaphorePermit,
-    },
-    FetchFailed {
-        id: usize,
-        reason: String,
-    },
-    Record {
-        id: usize,
-        index: usize,
-        outcome: Result<RecordOutputs, String>,
-    },
-    Written {
-        id: usize,
-        outcome: Result<(), String>,
-    },
+    Fetched { id: usize, records: usize, permit: OwnedSemaphorePermit },
+    FetchFailed { id: usize, reason: String },
+    Record { id: usize, index: usize, outcome: Result<RecordOutputs, String> },
+    Written { id: usize, outcome: Result<(), String> },
 }
 
 /// Everything about the model that the stages need, checked before any object is read.
@@ -293,32 +279,18 @@ struct Prepared {
 
 fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
     let dir = ModelDir::open(&cfg.model)?;
-    let options = LoadOptions {
-        kind: cfg.backend,
-        intra_op_threads: cfg.intra_op_threads,
-        onnxruntime_path: None,
-    };
+    let options = LoadOptions { kind: cfg.backend, intra_op_threads: cfg.intra_op_threads, onnxruntime_path: None };
     let model = ferry_backend::load(&dir.onnx, &options)?;
     let info = model.info();
-    let model_hw =
-        info.inputs
-            .first()
-            .and_then(|i| match (dir.input.layout, i.shape.as_slice()) {
-                (Layout::Nchw, [_, _, Some(h), Some(w)])
-                | (Layout::Nhwc, [_, Some(h), Some(w), _]) => Some((*h as u32, *w as u32)),
-                _ => None,
-            });
-    let plan = ImagePlan::new(&dir.input, model_hw, cfg.max_image_pixels)?
-        .with_dct_scaling(cfg.dct_scaling);
+    let model_hw = dir.input.declared_hw(info);
+    let plan = ImagePlan::new(&dir.input, model_hw, cfg.max_image_pixels)?.with_dct_scaling(cfg.dct_scaling);
     let mut shape = vec![1];
     shape.extend(plan.item_shape());
     ferry_backend::check_input(info, &shape)?;
     let output_names: Vec<String> = info.outputs.iter().map(|o| o.name.clone()).collect();
     let score_output = match &dir.output.name {
         Some(name) => output_names.iter().position(|n| n == name).ok_or_else(|| {
-            JobError::Config(format!(
-                "ferry.toml names output {name:?}, the model has {output_names:?}"
-            ))
+            JobError::Config(format!("ferry.toml names output {name:?}, the model has {output_names:?}"))
         })?,
         None => 0,
     };
@@ -329,11 +301,7 @@ fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
         top_k: cfg.top_k,
         labels: dir.labels.clone(),
     };
-    Ok(Prepared {
-        model,
-        plan,
-        encoder,
-    })
+    Ok(Prepared { model, plan, encoder })
 }
 
 async fn list(location: &Location) -> Result<Vec<ObjectMeta>, JobError> {
@@ -342,10 +310,7 @@ async fn list(location: &Location) -> Result<Vec<ObjectMeta>, JobError> {
         .list(Some(&location.prefix))
         .try_collect()
         .await
-        .map_err(|source| JobError::List {
-            url: location.url.clone(),
-            source,
-        })
+        .map_err(|source| JobError::List { url: location.url.clone(), source })
 }
 
 /// The output prefix relative to the input prefix when outputs are written inside the inputs, so
@@ -356,11 +321,7 @@ fn nested_output(input: &str, output: &str) -> Option<Vec<String>> {
             return s.trim_end_matches('/').to_string();
         }
         let p = PathBuf::from(s.strip_prefix("file://").unwrap_or(s));
-        std::fs::canonicalize(&p)
-            .unwrap_or(p)
-            .to_string_lossy()
-            .trim_end_matches('/')
-            .to_string()
+        std::fs::canonicalize(&p).unwrap_or(p).to_string_lossy().trim_end_matches('/').to_string()
     };
     let (i, o) = (norm(input), norm(output));
     let rest = o.strip_prefix(&i)?.strip_prefix('/')?;
@@ -371,25 +332,15 @@ fn nested_output(input: &str, output: &str) -> Option<Vec<String>> {
 /// an `Err` means the job could not run at all.
 pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
     let started = Instant::now();
-    if cfg.max_batch_size == 0
-        || cfg.max_concurrent == 0
-        || cfg.threads == 0
-        || cfg.decode_threads == 0
-    {
-        return Err(JobError::Config(
-            "batch size, concurrency and thread counts must be at least 1".into(),
-        ));
+    if cfg.max_batch_size == 0 || cfg.max_concurrent == 0 || cfg.threads == 0 || cfg.decode_threads == 0 {
+        return Err(JobError::Config("batch size, concurrency and thread counts must be at least 1".into()));
     }
     if cfg.part_size < 5 << 20 {
-        return Err(JobError::Config(
-            "part size must be at least 5 MiB (the S3 minimum)".into(),
-        ));
+        return Err(JobError::Config("part size must be at least 5 MiB (the S3 minimum)".into()));
     }
     let prepared = {
         let cfg = cfg.clone();
-        tokio::task::spawn_blocking(move || prepare(&cfg))
-            .await
-            .expect("model preparation panicked")?
+        tokio::task::spawn_blocking(move || prepare(&cfg)).await.expect("model preparation panicked")?
     };
     let input = Location::open(&cfg.input, false, cfg.max_retries)?;
     let output = Location::open(&cfg.output, true, cfg.max_retries)?;
@@ -397,12 +348,8 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
     tracing::info!(model = %cfg.model.display(), %runtime, input = %input.url, output = %output.url, "starting transform");
 
     let list_started = Instant::now();
-    let done: HashSet<Path> = list(&output)
-        .await?
-        .into_iter()
-        .map(|m| m.location)
-        .filter(|p| p.as_ref().ends_with(".out"))
-        .collect();
+    let done: HashSet<Path> =
+        list(&output).await?.into_iter().map(|m| m.location).filter(|p| p.as_ref().ends_with(".out")).collect();
     let mut objects = list(&input).await?;
     let list_seconds = list_started.elapsed().as_secs_f64();
     objects.sort_by(|a, b| a.location.cmp(&b.location));
@@ -422,37 +369,18 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
         objects_total += 1;
         match output.child(&parts, ".out") {
             Ok(out_key) if done.contains(&out_key) => skipped += 1,
-            Ok(out_key) => items.push(Item {
-                key: meta.location,
-                out_key,
-            }),
-            Err(reason) => failures.push(Failure {
-                object: meta.location.to_string(),
-                record: None,
-                reason,
-            }),
+            Ok(out_key) => items.push(Item { key: meta.location, out_key }),
+            Err(reason) => failures.push(Failure { object: meta.location.to_string(), record: None, reason }),
         }
     }
     let rejected = failures.len();
     if skipped > 0 {
-        tracing::info!(
-            skipped,
-            "resuming: objects with an existing .out are skipped"
-        );
+        tracing::info!(skipped, "resuming: objects with an existing .out are skipped");
     }
 
     let stats = Arc::new(Stats::default());
     let items = Arc::new(items);
-    let outcome = run_pipeline(
-        &cfg,
-        prepared,
-        &input,
-        &output,
-        items.clone(),
-        stats.clone(),
-        skipped,
-    )
-    .await;
+    let outcome = run_pipeline(&cfg, prepared, &input, &output, items.clone(), stats.clone(), skipped).await;
     failures.extend(outcome.failures);
 
     let wall = started.elapsed().as_secs_f64();
@@ -492,17 +420,11 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
     Ok(report)
 }
 
-async fn write_report(
-    cfg: &JobConfig,
-    output: &Location,
-    report: &JobReport,
-) -> Result<(), JobError> {
+async fn write_report(cfg: &JobConfig, output: &Location, report: &JobReport) -> Result<(), JobError> {
     let body = serde_json::to_vec_pretty(report).expect("the report serialises");
     match &cfg.report {
-        Some(path) => std::fs::write(path, body).map_err(|e| JobError::Report {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        }),
+        Some(path) => std::fs::write(path, body)
+            .map_err(|e| JobError::Report { path: path.display().to_string(), reason: e.to_string() }),
         None => {
             let key = output.prefix.clone().join("_ferry").join("report.json");
             output
@@ -510,10 +432,7 @@ async fn write_report(
                 .put(&key, body.into())
                 .await
                 .map(|_| ())
-                .map_err(|e| JobError::Report {
-                    path: key.to_string(),
-                    reason: e.to_string(),
-                })
+                .map_err(|e| JobError::Report { path: key.to_string(), reason: e.to_string() })
         }
     }
 }
@@ -541,27 +460,17 @@ async fn run_pipeline(
     stats: Arc<Stats>,
     skipped: usize,
 ) -> PipelineOutcome {
-    let Prepared {
-        model,
-        plan,
-        encoder,
-    } = prepared;
+    let Prepared { model, plan, encoder } = prepared;
     let encoder = Arc::new(encoder);
     let item_shape = plan.item_shape();
     let (decode_tx, decode_rx) = async_channel::bounded::<DecodeJob>(cfg.decode_threads * 4);
-    let (infer_tx, infer_rx) =
-        crossbeam_channel::bounded::<Decoded>(cfg.threads * cfg.max_batch_size * 2);
+    let (infer_tx, infer_rx) = crossbeam_channel::bounded::<Decoded>(cfg.threads * cfg.max_batch_size * 2);
     let (event_tx, event_rx) = async_channel::unbounded::<Event>();
 
     let mut threads = Vec::new();
     for i in 0..cfg.decode_threads {
-        let (rx, tx, events, stats, plan) = (
-            decode_rx.clone(),
-            infer_tx.clone(),
-            event_tx.clone(),
-            stats.clone(),
-            plan.clone(),
-        );
+        let (rx, tx, events, stats, plan) =
+            (decode_rx.clone(), infer_tx.clone(), event_tx.clone(), stats.clone(), plan.clone());
         threads.push(
             std::thread::Builder::new()
                 .name(format!("ferry-decode-{i}"))
@@ -571,13 +480,8 @@ async fn run_pipeline(
     }
     drop(infer_tx);
     for i in 0..cfg.threads {
-        let (rx, events, stats, model, shape) = (
-            infer_rx.clone(),
-            event_tx.clone(),
-            stats.clone(),
-            model.clone(),
-            item_shape.clone(),
-        );
+        let (rx, events, stats, model, shape) =
+            (infer_rx.clone(), event_tx.clone(), stats.clone(), model.clone(), item_shape.clone());
         let (max, wait) = (cfg.max_batch_size, cfg.batch_wait);
         threads.push(
             std::thread::Builder::new()
@@ -593,26 +497,12 @@ async fn run_pipeline(
 
     let semaphore = Arc::new(Semaphore::new(cfg.max_concurrent));
     let feeder = {
-        let (items, store, events, stats) = (
-            items.clone(),
-            input.store.clone(),
-            event_tx.clone(),
-            stats.clone(),
-        );
+        let (items, store, events, stats) = (items.clone(), input.store.clone(), event_tx.clone(), stats.clone());
         tokio::spawn(async move {
             for id in 0..items.len() {
-                let permit = semaphore
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .expect("the semaphore is never closed");
-                let (items, store, events, decode, stats) = (
-                    items.clone(),
-                    store.clone(),
-                    events.clone(),
-                    decode_tx.clone(),
-                    stats.clone(),
-                );
+                let permit = semaphore.clone().acquire_owned().await.expect("the semaphore is never closed");
+                let (items, store, events, decode, stats) =
+                    (items.clone(), store.clone(), events.clone(), decode_tx.clone(), stats.clone());
                 tokio::spawn(async move {
                     let t = Instant::now();
                     let got = match store.get(&items[id].key).await {
@@ -622,32 +512,13 @@ async fn run_pipeline(
                     Stats::add(&stats.fetch_ns, t);
                     match got {
                         Ok(bytes) => {
-                            stats
-                                .bytes_read
-                                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                            let _ = events
-                                .send(Event::Fetched {
-                                    id,
-                                    records: 1,
-                                    permit,
-                                })
-                                .await;
-                            let _ = decode
-                                .send(DecodeJob {
-                                    id,
-                                    index: 0,
-                                    bytes,
-                                })
-                                .await;
+                            stats.bytes_read.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                            let _ = events.send(Event::Fetched { id, records: 1, permit }).await;
+                            let _ = decode.send(DecodeJob { id, index: 0, bytes }).await;
                         }
                         Err(e) => {
                             drop(permit);
-                            let _ = events
-                                .send(Event::FetchFailed {
-                                    id,
-                                    reason: format!("read failed: {e}"),
-                                })
-                                .await;
+                            let _ = events.send(Event::FetchFailed { id, reason: format!("read failed: {e}") }).await;
                         }
                     }
                 });
@@ -658,13 +529,7 @@ async fn run_pipeline(
 
     let mut progress = Progress::new(cfg.progress, items.len(), skipped);
     let mut pending: HashMap<usize, Pending> = HashMap::new();
-    let mut out = PipelineOutcome {
-        succeeded: 0,
-        failed: 0,
-        records: 0,
-        records_failed: 0,
-        failures: Vec::new(),
-    };
+    let mut out = PipelineOutcome { succeeded: 0, failed: 0, records: 0, records_failed: 0, failures: Vec::new() };
     let mut finished = 0;
     // Writers hold a sender so the loop can hear their results; the loop ends when every object is
     // accounted for.
@@ -686,34 +551,18 @@ async fn run_pipeline(
             e = writer_rx.recv() => e.expect("the loop holds a writer sender"),
         };
         match event {
-            Event::Fetched {
-                id,
-                records,
-                permit,
-            } => {
-                pending.insert(
-                    id,
-                    Pending {
-                        records: (0..records).map(|_| None).collect(),
-                        remaining: records,
-                        permit,
-                    },
-                );
+            Event::Fetched { id, records, permit } => {
+                pending
+                    .insert(id, Pending { records: (0..records).map(|_| None).collect(), remaining: records, permit });
             }
             Event::FetchFailed { id, reason } => {
                 out.failed += 1;
                 finished += 1;
-                out.failures.push(Failure {
-                    object: items[id].key.to_string(),
-                    record: None,
-                    reason,
-                });
+                out.failures.push(Failure { object: items[id].key.to_string(), record: None, reason });
                 progress.object_done(0, true);
             }
             Event::Record { id, index, outcome } => {
-                let p = pending
-                    .get_mut(&id)
-                    .expect("a record arrived for an object never fetched. This is a bug.");
+                let p = pending.get_mut(&id).expect("a record arrived for an object never fetched. This is a bug.");
                 out.records += 1;
                 if let Err(reason) = &outcome {
                     out.records_failed += 1;
@@ -729,11 +578,7 @@ async fn run_pipeline(
                     continue;
                 }
                 let p = pending.remove(&id).expect("present");
-                let mut records: Vec<_> = p
-                    .records
-                    .into_iter()
-                    .map(|r| r.expect("all records are back"))
-                    .collect();
+                let mut records: Vec<_> = p.records.into_iter().map(|r| r.expect("all records are back")).collect();
                 let record_count = records.len() as u64;
                 if cfg.on_error == OnError::FailObject && records.iter().any(|r| r.is_err()) {
                     out.failed += 1;
@@ -779,11 +624,7 @@ async fn run_pipeline(
                     }
                     Err(reason) => {
                         out.failed += 1;
-                        out.failures.push(Failure {
-                            object: items[id].key.to_string(),
-                            record: None,
-                            reason,
-                        });
+                        out.failures.push(Failure { object: items[id].key.to_string(), record: None, reason });
                         progress.object_done(0, true);
                     }
                 }
@@ -807,21 +648,13 @@ async fn run_pipeline(
     out
 }
 
-async fn write_object(
-    store: Arc<dyn ObjectStore>,
-    key: Path,
-    body: Vec<u8>,
-    part_size: usize,
-) -> Result<(), String> {
+async fn write_object(store: Arc<dyn ObjectStore>, key: Path, body: Vec<u8>, part_size: usize) -> Result<(), String> {
     let mut writer = BufWriter::with_capacity(store, key, part_size);
     if let Err(e) = writer.write_all(&body).await {
         let _ = writer.abort().await;
         return Err(format!("write failed: {e}"));
     }
-    writer
-        .shutdown()
-        .await
-        .map_err(|e| format!("write failed: {e}"))
+    writer.shutdown().await.map_err(|e| format!("write failed: {e}"))
 }
 
 fn decode_loop(
@@ -835,20 +668,11 @@ fn decode_loop(
     while let Ok(job) = rx.recv_blocking() {
         let t = Instant::now();
         let mut tensor = Vec::with_capacity(plan.item_len());
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            decoder.decode(&job.bytes, &mut tensor)
-        }));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decoder.decode(&job.bytes, &mut tensor)));
         Stats::add(&stats.decode_ns, t);
         let error = match result {
             Ok(Ok(())) => {
-                if tx
-                    .send(Decoded {
-                        id: job.id,
-                        index: job.index,
-                        tensor,
-                    })
-                    .is_err()
-                {
+                if tx.send(Decoded { id: job.id, index: job.index, tensor }).is_err() {
                     return;
                 }
                 continue;
@@ -859,11 +683,7 @@ fn decode_loop(
                 "the image decoder panicked on this input".to_string()
             }
         };
-        let _ = events.send_blocking(Event::Record {
-            id: job.id,
-            index: job.index,
-            outcome: Err(error),
-        });
+        let _ = events.send_blocking(Event::Record { id: job.id, index: job.index, outcome: Err(error) });
     }
 }
 
@@ -900,42 +720,24 @@ fn infer_loop(
         stats.batch_items.fetch_add(n as u64, Ordering::Relaxed);
         let result = result.map_err(|e| e.to_string()).and_then(|outputs| {
             match outputs.iter().find(|o| o.shape.first() != Some(&n)) {
-                Some(o) => Err(format!(
-                    "the model returned shape {:?} for a batch of {n}",
-                    o.shape
-                )),
+                Some(o) => Err(format!("the model returned shape {:?} for a batch of {n}", o.shape)),
                 None => Ok(outputs),
             }
         });
         for (i, d) in batch.into_iter().enumerate() {
             let outcome = match &result {
-                Ok(outputs) => Ok(outputs
-                    .iter()
-                    .map(|o| (o.shape[1..].to_vec(), o.row(i).to_vec()))
-                    .collect()),
+                Ok(outputs) => Ok(outputs.iter().map(|o| (o.shape[1..].to_vec(), o.row(i).to_vec())).collect()),
                 Err(e) => Err(e.clone()),
             };
-            let _ = events.send_blocking(Event::Record {
-                id: d.id,
-                index: d.index,
-                outcome,
-            });
+            let _ = events.send_blocking(Event::Record { id: d.id, index: d.index, outcome });
         }
     }
 }
 
-fn fail_all(
-    rx: crossbeam_channel::Receiver<Decoded>,
-    events: async_channel::Sender<Event>,
-    reason: &str,
-) {
+fn fail_all(rx: crossbeam_channel::Receiver<Decoded>, events: async_channel::Sender<Event>, reason: &str) {
     tracing::error!("a model instance could not be created: {reason}");
     while let Ok(d) = rx.recv() {
-        let _ = events.send_blocking(Event::Record {
-            id: d.id,
-            index: d.index,
-            outcome: Err(reason.to_string()),
-        });
+        let _ = events.send_blocking(Event::Record { id: d.id, index: d.index, outcome: Err(reason.to_string()) });
     }
 }
 
@@ -948,19 +750,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let input = dir.path().to_str().unwrap().to_string();
         std::fs::create_dir_all(dir.path().join("out/x")).unwrap();
-        assert_eq!(
-            nested_output(&input, &format!("{input}/out/x")),
-            Some(vec!["out".into(), "x".into()])
-        );
-        assert_eq!(
-            nested_output(&format!("{input}/"), &format!("file://{input}/out")),
-            Some(vec!["out".into()])
-        );
+        assert_eq!(nested_output(&input, &format!("{input}/out/x")), Some(vec!["out".into(), "x".into()]));
+        assert_eq!(nested_output(&format!("{input}/"), &format!("file://{input}/out")), Some(vec!["out".into()]));
         assert_eq!(nested_output(&format!("{input}/out"), &input), None);
-        assert_eq!(
-            nested_output("s3://b/in", "s3://b/in/out/"),
-            Some(vec!["out".into()])
-        );
+        assert_eq!(nested_output("s3://b/in", "s3://b/in/out/"), Some(vec!["out".into()]));
         assert_eq!(nested_output("s3://b/in", "s3://b/input"), None);
     }
 }

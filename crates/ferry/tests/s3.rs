@@ -30,40 +30,18 @@ impl Drop for KillOnDrop {
 }
 
 fn server() -> Server {
-    if let (Ok(endpoint), Ok(bucket)) = (
-        std::env::var("AWS_ENDPOINT_URL"),
-        std::env::var("FERRY_TEST_S3_BUCKET"),
-    ) {
-        let env = [
-            "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY",
-            "AWS_REGION",
-            "AWS_ENDPOINT_URL",
-        ]
-        .iter()
-        .map(|k| {
-            (
-                k.to_string(),
-                std::env::var(k)
-                    .unwrap_or_else(|_| panic!("{k} must be set with AWS_ENDPOINT_URL")),
-            )
-        })
-        .collect();
-        return Server {
-            endpoint,
-            bucket,
-            env,
-            _child: None,
-            _dir: None,
-        };
+    if let (Ok(endpoint), Ok(bucket)) = (std::env::var("AWS_ENDPOINT_URL"), std::env::var("FERRY_TEST_S3_BUCKET")) {
+        let env = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL"]
+            .iter()
+            .map(|k| {
+                (k.to_string(), std::env::var(k).unwrap_or_else(|_| panic!("{k} must be set with AWS_ENDPOINT_URL")))
+            })
+            .collect();
+        return Server { endpoint, bucket, env, _child: None, _dir: None };
     }
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("ferry-test")).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let child = Command::new("s3s-fs")
         .args([
             "--host",
@@ -93,13 +71,7 @@ fn server() -> Server {
         ("AWS_REGION".into(), "us-east-1".into()),
         ("AWS_ENDPOINT_URL".into(), endpoint.clone()),
     ];
-    Server {
-        endpoint,
-        bucket: "ferry-test".into(),
-        env,
-        _child: Some(KillOnDrop(child)),
-        _dir: Some(dir),
-    }
+    Server { endpoint, bucket: "ferry-test".into(), env, _child: Some(KillOnDrop(child)), _dir: Some(dir) }
 }
 
 impl Server {
@@ -131,105 +103,49 @@ impl Server {
 }
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
 }
 
 #[test]
 fn transform_reads_and_writes_s3() {
     let s = server();
     let store = s.store();
-    let run = format!(
-        "run-{}-{}",
-        std::process::id(),
-        std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos()
-    );
+    let run = format!("run-{}-{}", std::process::id(), std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos());
     block_on(async {
         for f in ["chelsea.jpg", "coffee.png", "astronaut.png", "rocket.jpg"] {
             let bytes = std::fs::read(examples().join(f)).unwrap();
-            store
-                .put(&Path::from(format!("{run}/images/{f}")), bytes.into())
-                .await
-                .unwrap();
+            store.put(&Path::from(format!("{run}/images/{f}")), bytes.into()).await.unwrap();
         }
         let bytes = std::fs::read(examples().join("coffee.png")).unwrap();
-        store
-            .put(
-                &Path::from(format!("{run}/images/nested/deep/cup.png")),
-                bytes.into(),
-            )
-            .await
-            .unwrap();
+        store.put(&Path::from(format!("{run}/images/nested/deep/cup.png")), bytes.into()).await.unwrap();
     });
     let input = format!("s3://{}/{run}/images/", s.bucket);
     let output = format!("s3://{}/{run}/out/", s.bucket);
     let model = mobilenet();
-    let o = s.transform(&[
-        "--model",
-        model.to_str().unwrap(),
-        "--input",
-        &input,
-        "--output",
-        &output,
-        "--top-k",
-        "3",
-    ]);
+    let o = s.transform(&["--model", model.to_str().unwrap(), "--input", &input, "--output", &output, "--top-k", "3"]);
     assert!(o.status.success(), "{}", stderr(&o));
 
     let label = |key: String| -> String {
-        let bytes = block_on(async {
-            store
-                .get(&Path::from(key))
-                .await
-                .unwrap()
-                .bytes()
-                .await
-                .unwrap()
-        });
+        let bytes = block_on(async { store.get(&Path::from(key)).await.unwrap().bytes().await.unwrap() });
         let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-        v["predictions"][0]["labels"][0]
-            .as_str()
-            .unwrap()
-            .to_string()
+        v["predictions"][0]["labels"][0].as_str().unwrap().to_string()
     };
     assert_eq!(label(format!("{run}/out/chelsea.jpg.out")), "Egyptian cat");
     assert_eq!(label(format!("{run}/out/coffee.png.out")), "espresso");
-    assert_eq!(
-        label(format!("{run}/out/nested/deep/cup.png.out")),
-        "espresso"
-    );
+    assert_eq!(label(format!("{run}/out/nested/deep/cup.png.out")), "espresso");
     let listed: Vec<String> = block_on(async {
         use futures::TryStreamExt;
-        let metas: Vec<_> = store
-            .list(Some(&Path::from(format!("{run}/out"))))
-            .try_collect()
-            .await
-            .unwrap();
+        let metas: Vec<_> = store.list(Some(&Path::from(format!("{run}/out")))).try_collect().await.unwrap();
         let mut keys: Vec<String> = metas.into_iter().map(|m| m.location.to_string()).collect();
         keys.sort();
         keys
     });
     let outs: Vec<&String> = listed.iter().filter(|k| k.ends_with(".out")).collect();
     assert_eq!(outs.len(), 5, "{listed:?}");
-    assert!(
-        listed.contains(&format!("{run}/out/_ferry/report.json")),
-        "{listed:?}"
-    );
+    assert!(listed.contains(&format!("{run}/out/_ferry/report.json")), "{listed:?}");
 
     // A rerun finds every output and does nothing.
-    let o = s.transform(&[
-        "--model",
-        model.to_str().unwrap(),
-        "--input",
-        &input,
-        "--output",
-        &output,
-        "--top-k",
-        "3",
-    ]);
+    let o = s.transform(&["--model", model.to_str().unwrap(), "--input", &input, "--output", &output, "--top-k", "3"]);
     assert!(o.status.success());
     assert!(stderr(&o).contains("5 already done"), "{}", stderr(&o));
 }
@@ -238,23 +154,12 @@ fn transform_reads_and_writes_s3() {
 fn a_large_output_is_uploaded_in_parts() {
     let s = server();
     let store = s.store();
-    let run = format!(
-        "big-{}-{}",
-        std::process::id(),
-        std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos()
-    );
-    let img = image::RgbImage::from_fn(512, 512, |x, y| {
-        image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 7) as u8])
-    });
+    let run = format!("big-{}-{}", std::process::id(), std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos());
+    let img =
+        image::RgbImage::from_fn(512, 512, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 7) as u8]));
     let mut png = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .unwrap();
-    block_on(async {
-        store
-            .put(&Path::from(format!("{run}/in/grid.png")), png.into())
-            .await
-            .unwrap()
-    });
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    block_on(async { store.put(&Path::from(format!("{run}/in/grid.png")), png.into()).await.unwrap() });
 
     let model = repo().join("tests/fixtures/identity_512");
     let input = format!("s3://{}/{run}/in", s.bucket);
@@ -277,26 +182,16 @@ fn a_large_output_is_uploaded_in_parts() {
         let bytes = store.get(&key).await.unwrap().bytes().await.unwrap();
         (meta, bytes)
     });
-    assert!(
-        bytes.len() > 5 << 20,
-        "output is {} bytes, under one part",
-        bytes.len()
-    );
+    assert!(bytes.len() > 5 << 20, "output is {} bytes, under one part", bytes.len());
     let etag = meta.e_tag.unwrap_or_default();
-    assert!(
-        etag.contains('-'),
-        "a multipart upload has an ETag ending in -<parts>, got {etag}"
-    );
+    assert!(etag.contains('-'), "a multipart upload has an ETag ending in -<parts>, got {etag}");
     let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
     let planes = &v["predictions"][0];
     for (x, y) in [(0usize, 0usize), (300, 17), (511, 511)] {
         let px = img.get_pixel(x as u32, y as u32);
         for c in 0..3 {
             let got = planes[c][y][x].as_f64().unwrap();
-            assert!(
-                (got - px[c] as f64 / 255.0).abs() < 1e-6,
-                "channel {c} at ({x}, {y}): {got}"
-            );
+            assert!((got - px[c] as f64 / 255.0).abs() < 1e-6, "channel {c} at ({x}, {y}): {got}");
         }
     }
 }

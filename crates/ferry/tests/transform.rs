@@ -24,27 +24,15 @@ fn the_example_photos_are_classified_correctly() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
         files(out.path()),
-        [
-            "_ferry/report.json",
-            "astronaut.png.out",
-            "chelsea.jpg.out",
-            "coffee.png.out",
-            "rocket.jpg.out"
-        ]
+        ["_ferry/report.json", "astronaut.png.out", "chelsea.jpg.out", "coffee.png.out", "rocket.jpg.out"]
     );
-    assert_eq!(
-        top_label(&out.path().join("chelsea.jpg.out")),
-        "Egyptian cat"
-    );
+    assert_eq!(top_label(&out.path().join("chelsea.jpg.out")), "Egyptian cat");
     assert_eq!(top_label(&out.path().join("coffee.png.out")), "espresso");
     let p = json(&out.path().join("coffee.png.out"));
     let probs = p["predictions"][0]["probabilities"].as_array().unwrap();
     assert_eq!(probs.len(), 5);
     assert!(probs[0].as_f64().unwrap() > 0.9, "{p}");
-    assert!(
-        probs.windows(2).all(|w| w[0].as_f64() >= w[1].as_f64()),
-        "sorted: {p}"
-    );
+    assert!(probs.windows(2).all(|w| w[0].as_f64() >= w[1].as_f64()), "sorted: {p}");
     let report = json(&out.path().join("_ferry/report.json"));
     assert_eq!(report["objects_succeeded"], 4);
     assert_eq!(report["records"], 4);
@@ -73,12 +61,7 @@ fn probabilities(backend: &str, extra: &[&str]) -> std::collections::BTreeMap<St
         .filter_map(|f| f.strip_suffix(".out").map(str::to_string))
         .map(|name| {
             let v = json(&out.path().join(format!("{name}.out")));
-            let row = v["predictions"][0]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap())
-                .collect();
+            let row = v["predictions"][0].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
             (name, row)
         })
         .collect()
@@ -93,23 +76,13 @@ fn onnxruntime_and_tract_agree_within_1e4() {
     let ort = probabilities("ort", &[]);
     let tract = probabilities("tract", &[]);
     assert_eq!(ort.len(), 4);
-    assert_eq!(
-        ort.keys().collect::<Vec<_>>(),
-        tract.keys().collect::<Vec<_>>()
-    );
+    assert_eq!(ort.keys().collect::<Vec<_>>(), tract.keys().collect::<Vec<_>>());
     for (name, a) in &ort {
         let b = &tract[name];
         assert_eq!(a.len(), 1000);
         let peak = a.iter().cloned().fold(0.0, f64::max);
-        let worst = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f64::max);
-        assert!(
-            worst / peak < 1e-4,
-            "{name}: max difference {worst} against peak {peak}"
-        );
+        let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+        assert!(worst / peak < 1e-4, "{name}: max difference {worst} against peak {peak}");
         assert_eq!(argmax(a), argmax(b), "{name}");
     }
 }
@@ -119,40 +92,21 @@ fn matches_python_onnxruntime_with_pillow() {
     let dump = tempfile::NamedTempFile::new().unwrap();
     let peer = Command::new("python3")
         .arg(repo().join("bench/peer.py"))
-        .args([
-            "--model",
-            mobilenet().to_str().unwrap(),
-            "--input",
-            examples().to_str().unwrap(),
-        ])
+        .args(["--model", mobilenet().to_str().unwrap(), "--input", examples().to_str().unwrap()])
         .args(["--threads", "1", "--dump", dump.path().to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(
-        peer.status.success(),
-        "bench/peer.py: {}",
-        String::from_utf8_lossy(&peer.stderr)
-    );
+    assert!(peer.status.success(), "bench/peer.py: {}", String::from_utf8_lossy(&peer.stderr));
     let theirs: std::collections::BTreeMap<String, Vec<f64>> =
         serde_json::from_slice(&std::fs::read(dump.path()).unwrap()).unwrap();
     // Full-size decoding, as Pillow does: the only difference left is the resampling code.
     let ours = probabilities("ort", &["--no-dct-scaling"]);
-    assert_eq!(
-        ours.keys().collect::<Vec<_>>(),
-        theirs.keys().collect::<Vec<_>>()
-    );
+    assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>());
     for (name, a) in &ours {
         let b = &theirs[name];
         assert_eq!(argmax(a), argmax(b), "{name}: top-1 differs");
-        let worst = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f64::max);
-        assert!(
-            worst < 0.02,
-            "{name}: probabilities differ by up to {worst}"
-        );
+        let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+        assert!(worst < 0.02, "{name}: probabilities differ by up to {worst}");
     }
 }
 
@@ -189,10 +143,7 @@ fn bad_inputs_fail_alone_and_are_named() {
     let o = transform(&a.iter().map(String::as_str).collect::<Vec<_>>());
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(
-        !err.contains("panicked") && !err.contains("backtrace"),
-        "{err}"
-    );
+    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
     for (name, reason) in [
         ("truncated.jpg", "invalid JPEG"),
         ("corrupt.jpg", "invalid JPEG"),
@@ -200,10 +151,7 @@ fn bad_inputs_fail_alone_and_are_named() {
         ("notes.txt", "not a JPEG or PNG"),
         ("bomb.jpg", "50000x50000"),
     ] {
-        let line = err
-            .lines()
-            .find(|l| l.contains(name))
-            .unwrap_or_else(|| panic!("{name} not reported: {err}"));
+        let line = err.lines().find(|l| l.contains(name)).unwrap_or_else(|| panic!("{name} not reported: {err}"));
         assert!(line.contains(reason) && line.contains("record 0"), "{line}");
     }
     assert_eq!(files(out.path()), ["_ferry/report.json", "good.jpg.out"]);
@@ -220,13 +168,7 @@ fn bad_inputs_fail_alone_and_are_named() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(files(out2.path()).len(), 7);
     let bomb = json(&out2.path().join("bomb.jpg.out"));
-    assert!(
-        bomb["predictions"][0]["error"]
-            .as_str()
-            .unwrap()
-            .contains("over the limit"),
-        "{bomb}"
-    );
+    assert!(bomb["predictions"][0]["error"].as_str().unwrap().contains("over the limit"), "{bomb}");
     assert_eq!(top_label(&out2.path().join("good.jpg.out")), "Egyptian cat");
 }
 
@@ -235,13 +177,8 @@ fn bad_inputs_fail_alone_and_are_named() {
 fn jpeg_claiming(w: u16, h: u16) -> Vec<u8> {
     let img = image::RgbImage::from_pixel(16, 16, image::Rgb([200, 100, 50]));
     let mut bytes = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 90)
-        .encode_image(&img)
-        .unwrap();
-    let sof = bytes
-        .windows(2)
-        .position(|m| m == [0xFF, 0xC0])
-        .expect("baseline SOF0");
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 90).encode_image(&img).unwrap();
+    let sof = bytes.windows(2).position(|m| m == [0xFF, 0xC0]).expect("baseline SOF0");
     bytes[sof + 5..sof + 7].copy_from_slice(&h.to_be_bytes());
     bytes[sof + 7..sof + 9].copy_from_slice(&w.to_be_bytes());
     bytes
@@ -265,10 +202,7 @@ fn a_model_that_does_not_load_is_one_clear_message() {
         ]);
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(2), "{err}");
-        assert!(
-            err.contains("model.onnx") && err.contains("could not be loaded"),
-            "{err}"
-        );
+        assert!(err.contains("model.onnx") && err.contains("could not be loaded"), "{err}");
         assert!(!err.contains("panicked"), "{err}");
     }
 }
@@ -276,16 +210,8 @@ fn a_model_that_does_not_load_is_one_clear_message() {
 #[test]
 fn preprocessing_that_does_not_fit_the_model_is_refused_up_front() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        mobilenet().join("model.onnx"),
-        dir.path().join("model.onnx"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("ferry.toml"),
-        "[input]\nresize = 160\ncrop = [128, 128]\n",
-    )
-    .unwrap();
+    std::fs::copy(mobilenet().join("model.onnx"), dir.path().join("model.onnx")).unwrap();
+    std::fs::write(dir.path().join("ferry.toml"), "[input]\nresize = 160\ncrop = [128, 128]\n").unwrap();
     let out = tempfile::tempdir().unwrap();
     let o = transform(&[
         "--model",
@@ -304,19 +230,8 @@ fn preprocessing_that_does_not_fit_the_model_is_refused_up_front() {
 fn an_unreachable_store_is_one_clear_message() {
     let out = tempfile::tempdir().unwrap();
     let o = ferry()
-        .args([
-            "transform",
-            "--model",
-            mobilenet().to_str().unwrap(),
-            "--input",
-            "s3://nowhere/images/",
-        ])
-        .args([
-            "--output",
-            out.path().to_str().unwrap(),
-            "--max-retries",
-            "1",
-        ])
+        .args(["transform", "--model", mobilenet().to_str().unwrap(), "--input", "s3://nowhere/images/"])
+        .args(["--output", out.path().to_str().unwrap(), "--max-retries", "1"])
         .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
         .env("AWS_ACCESS_KEY_ID", "x")
         .env("AWS_SECRET_ACCESS_KEY", "y")
@@ -336,39 +251,24 @@ fn a_killed_job_resumes_to_byte_identical_outputs() {
     let model = mobilenet();
     let base = |out: &std::path::Path| {
         let mut c = ferry();
-        c.args([
-            "transform",
-            "--model",
-            model.to_str().unwrap(),
-            "--input",
-            data.path().to_str().unwrap(),
-        ])
-        .args([
+        c.args(["transform", "--model", model.to_str().unwrap(), "--input", data.path().to_str().unwrap()]).args([
             "--output",
             out.to_str().unwrap(),
             "--backend",
             "ort",
-            "--max-batch-size",
-            "4",
         ]);
         c
     };
     let reference = tempfile::tempdir().unwrap();
-    let o = base(reference.path()).output().unwrap();
+    let o = base(reference.path()).args(["--max-batch-size", "4"]).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
 
     let resumed = tempfile::tempdir().unwrap();
-    let mut child = base(resumed.path())
-        .args(["--max-batch-size", "3"])
-        .spawn()
-        .unwrap();
+    let mut child = base(resumed.path()).args(["--max-batch-size", "3"]).spawn().unwrap();
     // Kill -9 once some, but not all, outputs exist.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
-        let n = files(resumed.path())
-            .iter()
-            .filter(|f| f.ends_with(".out"))
-            .count();
+        let n = files(resumed.path()).iter().filter(|f| f.ends_with(".out")).count();
         if n >= 20 || std::time::Instant::now() > deadline {
             break;
         }
@@ -376,15 +276,8 @@ fn a_killed_job_resumes_to_byte_identical_outputs() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    let partial: Vec<String> = files(resumed.path())
-        .into_iter()
-        .filter(|f| f.ends_with(".out"))
-        .collect();
-    assert!(
-        partial.len() >= 20 && partial.len() < 120,
-        "killed with {} outputs",
-        partial.len()
-    );
+    let partial: Vec<String> = files(resumed.path()).into_iter().filter(|f| f.ends_with(".out")).collect();
+    assert!(partial.len() >= 20 && partial.len() < 120, "killed with {} outputs", partial.len());
     for f in &partial {
         // Whatever is visible is complete.
         assert_eq!(
@@ -397,16 +290,8 @@ fn a_killed_job_resumes_to_byte_identical_outputs() {
     let o = base(resumed.path()).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let report = json(&resumed.path().join("_ferry/report.json"));
-    assert_eq!(
-        report["objects_skipped"].as_u64().unwrap() as usize,
-        partial.len()
-    );
-    let outs = |d: &std::path::Path| -> Vec<String> {
-        files(d)
-            .into_iter()
-            .filter(|f| f.ends_with(".out"))
-            .collect()
-    };
+    assert_eq!(report["objects_skipped"].as_u64().unwrap() as usize, partial.len());
+    let outs = |d: &std::path::Path| -> Vec<String> { files(d).into_iter().filter(|f| f.ends_with(".out")).collect() };
     assert_eq!(outs(reference.path()).len(), 120);
     assert_eq!(outs(resumed.path()), outs(reference.path()));
     for f in outs(reference.path()) {
@@ -421,11 +306,7 @@ fn a_killed_job_resumes_to_byte_identical_outputs() {
 #[test]
 fn outputs_inside_the_input_folder_are_not_taken_for_inputs() {
     let data = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        examples().join("chelsea.jpg"),
-        data.path().join("chelsea.jpg"),
-    )
-    .unwrap();
+    std::fs::copy(examples().join("chelsea.jpg"), data.path().join("chelsea.jpg")).unwrap();
     let out = data.path().join("predictions");
     for _ in 0..2 {
         let o = transform(&[

@@ -6,10 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
 }
 
 pub fn mobilenet() -> PathBuf {
@@ -29,11 +26,7 @@ pub fn ferry() -> Command {
 /// Runs `ferry transform` with `args` and returns its output.
 pub fn transform(args: &[&str]) -> Output {
     let out = ferry().arg("transform").args(args).output().unwrap();
-    eprintln!(
-        "ferry {}\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    eprintln!("ferry {}\n{}", args.join(" "), String::from_utf8_lossy(&out.stderr));
     out
 }
 
@@ -68,36 +61,25 @@ pub fn files(dir: &Path) -> Vec<String> {
 /// rescales, re-encodes at several qualities), some large enough for DCT-scaled decoding.
 pub fn make_dataset(dir: &Path, n: usize) {
     std::fs::create_dir_all(dir).unwrap();
-    let sources: Vec<image::RgbImage> =
-        ["chelsea.jpg", "coffee.png", "astronaut.png", "rocket.jpg"]
-            .iter()
-            .map(|f| image::open(examples().join(f)).unwrap().into_rgb8())
-            .collect();
+    let sources: Vec<image::RgbImage> = ["chelsea.jpg", "coffee.png", "astronaut.png", "rocket.jpg"]
+        .iter()
+        .map(|f| image::open(examples().join(f)).unwrap().into_rgb8())
+        .collect();
     for i in 0..n {
         let src = &sources[i % sources.len()];
         let (w, h) = src.dimensions();
-        let (cw, ch) = (
-            w * (70 + (i as u32 * 7) % 30) / 100,
-            h * (70 + (i as u32 * 11) % 30) / 100,
-        );
+        let (cw, ch) = (w * (70 + (i as u32 * 7) % 30) / 100, h * (70 + (i as u32 * 11) % 30) / 100);
         let (x, y) = ((w - cw) * (i as u32 % 3) / 2, (h - ch) * (i as u32 % 2));
         let mut img = image::imageops::crop_imm(src, x, y, cw, ch).to_image();
         if i % 2 == 1 {
             img = image::imageops::flip_horizontal(&img);
         }
         if i % 5 == 0 {
-            img = image::imageops::resize(
-                &img,
-                cw * 2,
-                ch * 2,
-                image::imageops::FilterType::Triangle,
-            );
+            img = image::imageops::resize(&img, cw * 2, ch * 2, image::imageops::FilterType::Triangle);
         }
         let quality = 60 + (i as u8 * 13) % 40;
         let mut bytes = Vec::new();
-        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, quality)
-            .encode_image(&img)
-            .unwrap();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, quality).encode_image(&img).unwrap();
         let sub = dir.join(format!("set{}", i % 3));
         std::fs::create_dir_all(&sub).unwrap();
         std::fs::write(sub.join(format!("v{i:04}.jpg")), bytes).unwrap();
@@ -106,8 +88,5 @@ pub fn make_dataset(dir: &Path, n: usize) {
 
 /// Top-1 label of a top-k `.out`.
 pub fn top_label(out: &Path) -> String {
-    json(out)["predictions"][0]["labels"][0]
-        .as_str()
-        .unwrap()
-        .to_string()
+    json(out)["predictions"][0]["labels"][0].as_str().unwrap().to_string()
 }
