@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Ray Data as a peer: read the JPEGs, decode and pre-process with Pillow in map_batches, and run
-the same onnxruntime model in an actor, on --cpus CPUs. Timing includes Ray's start-up, as a user
+the same onnxruntime model in an actor (with --cpus intra-op threads), on a Ray of --cpus CPUs: one
+for the actor, the rest for reading and decoding tasks. Timing includes Ray's start-up, as a user
 running a job would see it.
 
 Prints one JSON line: {"images": N, "seconds": S, "images_per_second": R}.
@@ -42,7 +43,7 @@ def main():
         def __init__(self):
             import onnxruntime as ort
             opts = ort.SessionOptions()
-            opts.intra_op_num_threads = 1
+            opts.intra_op_num_threads = args.cpus
             self.sess = ort.InferenceSession(os.path.join(args.model, "model.onnx"), opts,
                                              providers=["CPUExecutionProvider"])
             self.name = self.sess.get_inputs()[0].name
@@ -55,7 +56,7 @@ def main():
 
     ds = (ray.data.read_binary_files(files)
           .map_batches(decode, batch_size=args.batch)
-          .map_batches(Model, batch_size=args.batch, concurrency=args.cpus, num_cpus=1))
+          .map_batches(Model, batch_size=args.batch, concurrency=1, num_cpus=1))
     n = sum(len(b["top1"]) for b in ds.iter_batches(batch_size=None))
     seconds = time.perf_counter() - start
     ray.shutdown()

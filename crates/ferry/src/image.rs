@@ -195,6 +195,8 @@ impl ImagePlan {
     }
 }
 
+const MAX_JPEG_SCANS: u32 = 500;
+
 /// Per-thread decoding state.
 pub struct ImageDecoder {
     plan: ImagePlan,
@@ -212,12 +214,10 @@ impl std::fmt::Debug for ImageDecoder {
 impl ImageDecoder {
     /// A decoder for `plan`.
     pub fn new(plan: ImagePlan) -> Self {
-        Self {
-            plan,
-            jpeg: Decompressor::new().expect("libjpeg-turbo failed to allocate a decompressor"),
-            resizer: Resizer::new(),
-            rgb: Vec::new(),
-        }
+        let mut jpeg = Decompressor::new().expect("libjpeg-turbo failed to allocate a decompressor");
+        // A progressive JPEG with thousands of tiny scans is a CPU bomb; real encoders write ~10.
+        jpeg.set_scan_limit(MAX_JPEG_SCANS).expect("the scan limit is a valid parameter");
+        Self { plan, jpeg, resizer: Resizer::new(), rgb: Vec::new() }
     }
 
     /// Decodes `bytes` and writes the normalised tensor to `out` (cleared first).

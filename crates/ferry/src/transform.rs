@@ -215,6 +215,9 @@ pub struct JobReport {
     pub bytes_written: u64,
     /// Wall time of the whole job.
     pub wall_seconds: f64,
+    /// Part of the wall time spent before the first object was read: loading the model, creating
+    /// an instance per thread, listing.
+    pub setup_seconds: f64,
     /// Records per second over the wall time.
     pub records_per_second: f64,
     /// Busy time per stage.
@@ -273,6 +276,7 @@ enum Event {
 /// Everything about the model that the stages need, checked before any object is read.
 struct Prepared {
     model: Arc<dyn Model>,
+    instances: Vec<Box<dyn Backend>>,
     plan: ImagePlan,
     encoder: Encoder,
 }
@@ -301,7 +305,16 @@ fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
         top_k: cfg.top_k,
         labels: dir.labels.clone(),
     };
-    Ok(Prepared { model, plan, encoder })
+    // One instance per model thread, created side by side now, so a model that loads but cannot
+    // be instantiated stops the job with one message before any object is read.
+    let instances = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..cfg.threads).map(|_| scope.spawn(|| model.instance())).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("creating a model instance panicked"))
+            .collect::<Result<Vec<_>, _>>()
+    })?;
+    Ok(Prepared { model, instances, plan, encoder })
 }
 
 async fn list(location: &Location) -> Result<Vec<ObjectMeta>, JobError> {
@@ -378,6 +391,7 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
         tracing::info!(skipped, "resuming: objects with an existing .out are skipped");
     }
 
+    let setup_seconds = started.elapsed().as_secs_f64();
     let stats = Arc::new(Stats::default());
     let items = Arc::new(items);
     let outcome = run_pipeline(&cfg, prepared, &input, &output, items.clone(), stats.clone(), skipped).await;
@@ -405,6 +419,7 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
         bytes_read: stats.bytes_read.load(Ordering::Relaxed),
         bytes_written: stats.bytes_written.load(Ordering::Relaxed),
         wall_seconds: wall,
+        setup_seconds,
         records_per_second: outcome.records as f64 / wall.max(1e-9),
         stage_seconds: StageSeconds {
             list: list_seconds,
@@ -460,36 +475,40 @@ async fn run_pipeline(
     stats: Arc<Stats>,
     skipped: usize,
 ) -> PipelineOutcome {
-    let Prepared { model, plan, encoder } = prepared;
+    let Prepared { model: _, instances, plan, encoder } = prepared;
     let encoder = Arc::new(encoder);
     let item_shape = plan.item_shape();
     let (decode_tx, decode_rx) = async_channel::bounded::<DecodeJob>(cfg.decode_threads * 4);
     let (infer_tx, infer_rx) = crossbeam_channel::bounded::<Decoded>(cfg.threads * cfg.max_batch_size * 2);
     let (event_tx, event_rx) = async_channel::unbounded::<Event>();
+    let (pool_tx, pool_rx) = crossbeam_channel::bounded::<Vec<f32>>(cfg.threads * cfg.max_batch_size * 2);
 
     let mut threads = Vec::new();
     for i in 0..cfg.decode_threads {
-        let (rx, tx, events, stats, plan) =
-            (decode_rx.clone(), infer_tx.clone(), event_tx.clone(), stats.clone(), plan.clone());
+        let (rx, tx, events, stats, plan, pool) =
+            (decode_rx.clone(), infer_tx.clone(), event_tx.clone(), stats.clone(), plan.clone(), pool_rx.clone());
         threads.push(
             std::thread::Builder::new()
                 .name(format!("ferry-decode-{i}"))
-                .spawn(move || decode_loop(plan, rx, tx, events, stats))
+                .spawn(move || decode_loop(plan, rx, tx, events, stats, pool))
                 .expect("spawning a decode thread"),
         );
     }
     drop(infer_tx);
-    for i in 0..cfg.threads {
-        let (rx, events, stats, model, shape) =
-            (infer_rx.clone(), event_tx.clone(), stats.clone(), model.clone(), item_shape.clone());
-        let (max, wait) = (cfg.max_batch_size, cfg.batch_wait);
+    for (i, backend) in instances.into_iter().enumerate() {
+        let worker = ModelThread {
+            rx: infer_rx.clone(),
+            events: event_tx.clone(),
+            stats: stats.clone(),
+            item_shape: item_shape.clone(),
+            max_batch: cfg.max_batch_size,
+            wait: cfg.batch_wait,
+            pool: pool_tx.clone(),
+        };
         threads.push(
             std::thread::Builder::new()
                 .name(format!("ferry-model-{i}"))
-                .spawn(move || match model.instance() {
-                    Ok(backend) => infer_loop(backend, rx, events, stats, shape, max, wait),
-                    Err(e) => fail_all(rx, events, &e.to_string()),
-                })
+                .spawn(move || infer_loop(backend, worker))
                 .expect("spawning a model thread"),
         );
     }
@@ -663,11 +682,12 @@ fn decode_loop(
     tx: crossbeam_channel::Sender<Decoded>,
     events: async_channel::Sender<Event>,
     stats: Arc<Stats>,
+    pool: crossbeam_channel::Receiver<Vec<f32>>,
 ) {
     let mut decoder = ImageDecoder::new(plan.clone());
     while let Ok(job) = rx.recv_blocking() {
         let t = Instant::now();
-        let mut tensor = Vec::with_capacity(plan.item_len());
+        let mut tensor = pool.try_recv().unwrap_or_else(|_| Vec::with_capacity(plan.item_len()));
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decoder.decode(&job.bytes, &mut tensor)));
         Stats::add(&stats.decode_ns, t);
         let error = match result {
@@ -687,16 +707,20 @@ fn decode_loop(
     }
 }
 
-fn infer_loop(
-    mut backend: Box<dyn Backend>,
+/// What a model thread works with, besides its backend.
+struct ModelThread {
     rx: crossbeam_channel::Receiver<Decoded>,
     events: async_channel::Sender<Event>,
     stats: Arc<Stats>,
     item_shape: Vec<usize>,
     max_batch: usize,
     wait: Duration,
-) {
-    let item_len: usize = item_shape.iter().product();
+    pool: crossbeam_channel::Sender<Vec<f32>>,
+}
+
+fn infer_loop(mut backend: Box<dyn Backend>, t: ModelThread) {
+    let ModelThread { rx, events, stats, item_shape, max_batch, wait, pool } = t;
+    let mut input = Tensor { shape: Vec::new(), data: Vec::new() };
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         let deadline = Instant::now() + wait;
@@ -707,14 +731,18 @@ fn infer_loop(
             }
         }
         let n = batch.len();
-        let mut data = Vec::with_capacity(n * item_len);
-        for d in &batch {
-            data.extend_from_slice(&d.tensor);
+        input.data.clear();
+        for d in &mut batch {
+            input.data.extend_from_slice(&d.tensor);
+            // Decoded buffers go back to the decoders: each is a few hundred KiB, and fresh ones
+            // cost page faults.
+            let _ = pool.try_send(std::mem::take(&mut d.tensor));
         }
-        let mut shape = vec![n];
-        shape.extend_from_slice(&item_shape);
+        input.shape.clear();
+        input.shape.push(n);
+        input.shape.extend_from_slice(&item_shape);
         let t = Instant::now();
-        let result = backend.run(&Tensor::new(shape, data));
+        let result = backend.run(&input);
         Stats::add(&stats.infer_ns, t);
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.batch_items.fetch_add(n as u64, Ordering::Relaxed);
@@ -731,13 +759,6 @@ fn infer_loop(
             };
             let _ = events.send_blocking(Event::Record { id: d.id, index: d.index, outcome });
         }
-    }
-}
-
-fn fail_all(rx: crossbeam_channel::Receiver<Decoded>, events: async_channel::Sender<Event>, reason: &str) {
-    tracing::error!("a model instance could not be created: {reason}");
-    while let Ok(d) = rx.recv() {
-        let _ = events.send_blocking(Event::Record { id: d.id, index: d.index, outcome: Err(reason.to_string()) });
     }
 }
 
