@@ -327,7 +327,7 @@ async fn list(location: &Location) -> Result<Vec<ObjectMeta>, JobError> {
 }
 
 /// The output prefix relative to the input prefix when outputs are written inside the inputs, so
-/// that a rerun does not take its own outputs for inputs.
+/// that a rerun does not take its own outputs for inputs. Empty when they are the same prefix.
 fn nested_output(input: &str, output: &str) -> Option<Vec<String>> {
     let norm = |s: &str| -> String {
         if s.contains("://") && !s.starts_with("file://") {
@@ -337,6 +337,9 @@ fn nested_output(input: &str, output: &str) -> Option<Vec<String>> {
         std::fs::canonicalize(&p).unwrap_or(p).to_string_lossy().trim_end_matches('/').to_string()
     };
     let (i, o) = (norm(input), norm(output));
+    if i == o {
+        return Some(Vec::new());
+    }
     let rest = o.strip_prefix(&i)?.strip_prefix('/')?;
     Some(rest.split('/').map(str::to_string).collect())
 }
@@ -374,10 +377,14 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
     let mut objects_total = 0;
     for meta in objects {
         let parts = input.relative(&meta.location).unwrap_or_default();
-        if let Some(ex) = &exclude {
-            if parts.len() >= ex.len() && parts.iter().zip(ex).all(|(a, b)| a == b) {
-                continue;
-            }
+        let ours = match exclude.as_deref() {
+            None => false,
+            // Outputs next to their inputs: ours are the .out objects and the report.
+            Some([]) => parts.last().is_some_and(|p| p.ends_with(".out")) || parts.iter().any(|p| p == "_ferry"),
+            Some(ex) => parts.len() >= ex.len() && parts.iter().zip(ex).all(|(a, b)| a == b),
+        };
+        if ours {
+            continue;
         }
         objects_total += 1;
         match output.child(&parts, ".out") {
@@ -774,6 +781,7 @@ mod tests {
         assert_eq!(nested_output(&input, &format!("{input}/out/x")), Some(vec!["out".into(), "x".into()]));
         assert_eq!(nested_output(&format!("{input}/"), &format!("file://{input}/out")), Some(vec!["out".into()]));
         assert_eq!(nested_output(&format!("{input}/out"), &input), None);
+        assert_eq!(nested_output(&input, &format!("file://{input}/")), Some(vec![]));
         assert_eq!(nested_output("s3://b/in", "s3://b/in/out/"), Some(vec!["out".into()]));
         assert_eq!(nested_output("s3://b/in", "s3://b/input"), None);
     }

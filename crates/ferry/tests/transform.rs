@@ -323,4 +323,23 @@ fn outputs_inside_the_input_folder_are_not_taken_for_inputs() {
     }
     assert_eq!(files(&out), ["_ferry/report.json", "chelsea.jpg.out"]);
     assert_eq!(json(&out.join("_ferry/report.json"))["objects_total"], 1);
+
+    // Outputs written next to their inputs.
+    for _ in 0..2 {
+        let o = transform(&[
+            "--model",
+            mobilenet().to_str().unwrap(),
+            "--input",
+            data.path().to_str().unwrap(),
+            "--output",
+            data.path().to_str().unwrap(),
+            "--top-k",
+            "1",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let report = json(&data.path().join("_ferry/report.json"));
+    assert_eq!(report["objects_total"], 1, "{report}");
+    assert_eq!(report["objects_skipped"], 1, "{report}");
+    assert_eq!(top_label(&data.path().join("chelsea.jpg.out")), "Egyptian cat");
 }
