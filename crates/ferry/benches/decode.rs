@@ -2,7 +2,7 @@
 //!
 //! Reads every JPEG/PNG in DIR (default: the bench dataset from `bench/make_dataset.py` in
 //! /tmp/ferry-bench/images, else the example photos) into memory and turns each into MobileNetV2's
-//! input tensor, with and without DCT-scaled JPEG decoding. Prints images/s for each.
+//! input tensor, with and without DCT-scaled JPEG decoding and partial (crop-region) decoding. Prints images/s for each.
 
 use std::time::Instant;
 
@@ -25,8 +25,8 @@ fn main() {
     let model = ModelDir::open(&root.join("examples/models/mobilenet_v2")).unwrap();
     let plan = ImagePlan::new(&model.input, Some((224, 224)), u64::MAX).unwrap();
     println!("{} images from {}", files.len(), dir.display());
-    for dct in [false, true] {
-        let mut decoder = ImageDecoder::new(plan.clone().with_dct_scaling(dct));
+    for (dct, partial) in [(false, false), (true, false), (true, true)] {
+        let mut decoder = ImageDecoder::new(plan.clone().with_dct_scaling(dct).with_partial_decoding(partial));
         let mut out = Vec::new();
         let rounds = (2000 / files.len()).max(1);
         let start = Instant::now();
@@ -38,8 +38,9 @@ fn main() {
         let n = rounds * files.len();
         let secs = start.elapsed().as_secs_f64();
         println!(
-            "dct scaling {:<5}  {:>7.1} images/s on one core  ({:.3} ms/image)",
+            "dct scaling {:<5}  partial {:<5}  {:>7.1} images/s on one core  ({:.3} ms/image)",
             dct,
+            partial,
             n as f64 / secs,
             secs * 1e3 / n as f64
         );

@@ -13,8 +13,8 @@
 
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
-use turbojpeg::{Colorspace, Decompressor, PixelFormat, ScalingFactor};
 
+use crate::jpeg::{Decompressor, Region};
 use crate::model::{Channels, ImageInput, Layout, Resize};
 
 /// Why one image could not become a tensor.
@@ -64,6 +64,7 @@ pub struct ImagePlan {
     layout: Layout,
     max_pixels: u64,
     dct_scaling: bool,
+    partial: bool,
 }
 
 /// Where to read from in the source and what size to write.
@@ -128,12 +129,20 @@ impl ImagePlan {
             layout: spec.layout,
             max_pixels,
             dct_scaling: true,
+            partial: true,
         })
     }
 
     /// Turns DCT-domain downscaling of large JPEGs on or off (on by default).
     pub fn with_dct_scaling(mut self, on: bool) -> Self {
         self.dct_scaling = on;
+        self
+    }
+
+    /// Turns partial JPEG decoding (only the region the crop reads) on or off (on by default). The
+    /// result is the same either way; off exists to measure it.
+    pub fn with_partial_decoding(mut self, on: bool) -> Self {
+        self.partial = on;
         self
     }
 
@@ -172,18 +181,31 @@ impl ImagePlan {
         Geometry { resized, src_box: (left * sx, top * sy, self.out.0 as f64 * sx, self.out.1 as f64 * sy) }
     }
 
-    /// The coarsest DCT scale that still leaves at least the resized size.
-    fn dct_scale(&self, w: u32, h: u32) -> ScalingFactor {
+    /// The coarsest DCT scale, as `1/denominator`, that still leaves at least the resized size.
+    fn dct_denominator(&self, w: u32, h: u32) -> usize {
         if !self.dct_scaling {
-            return ScalingFactor::ONE;
+            return 1;
         }
         let (rw, rh) = self.geometry(w, h).resized;
-        for f in [ScalingFactor::ONE_EIGHTH, ScalingFactor::ONE_QUARTER, ScalingFactor::ONE_HALF] {
-            if f.scale(w as usize) >= rw as usize && f.scale(h as usize) >= rh as usize {
-                return f;
-            }
-        }
-        ScalingFactor::ONE
+        [8, 4, 2]
+            .into_iter()
+            .find(|&d| scaled(w as usize, d) >= rw as usize && scaled(h as usize, d) >= rh as usize)
+            .unwrap_or(1)
+    }
+
+    /// The part of a `w`x`h` image that resampling into the output reads, widened so the left edge
+    /// falls on a multiple of `align` (the scaled iMCU width, for partial JPEG decoding).
+    fn region(&self, w: usize, h: usize, align: usize) -> Region {
+        let (l, t, bw, bh) = self.geometry(w as u32, h as u32).src_box;
+        // The bilinear filter reaches one output pixel's worth of source pixels past the box.
+        let mx = (bw / self.out.0 as f64).ceil() + 2.0;
+        let my = (bh / self.out.1 as f64).ceil() + 2.0;
+        let mut x0 = (l - mx).floor().max(0.0) as usize;
+        x0 -= x0 % align.max(1);
+        let y0 = (t - my).floor().max(0.0) as usize;
+        let x1 = ((l + bw + mx).ceil() as usize).min(w);
+        let y1 = ((t + bh + my).ceil() as usize).min(h);
+        (x0, y0, x1 - x0, y1 - y0)
     }
 
     fn check_pixels(&self, width: u64, height: u64) -> Result<(), ImageError> {
@@ -196,6 +218,17 @@ impl ImagePlan {
 }
 
 const MAX_JPEG_SCANS: u32 = 500;
+
+/// Size of a dimension decoded at `1/denominator` scale (libjpeg-turbo's TJSCALED).
+fn scaled(dim: usize, denominator: usize) -> usize {
+    dim.div_ceil(denominator)
+}
+
+/// What a decoder left in its RGB buffer: `region` of a `full`-sized image.
+struct Pixels {
+    full: (usize, usize),
+    region: Region,
+}
 
 /// Per-thread decoding state.
 pub struct ImageDecoder {
@@ -214,15 +247,13 @@ impl std::fmt::Debug for ImageDecoder {
 impl ImageDecoder {
     /// A decoder for `plan`.
     pub fn new(plan: ImagePlan) -> Self {
-        let mut jpeg = Decompressor::new().expect("libjpeg-turbo failed to allocate a decompressor");
         // A progressive JPEG with thousands of tiny scans is a CPU bomb; real encoders write ~10.
-        jpeg.set_scan_limit(MAX_JPEG_SCANS).expect("the scan limit is a valid parameter");
-        Self { plan, jpeg, resizer: Resizer::new(), rgb: Vec::new() }
+        Self { plan, jpeg: Decompressor::new(MAX_JPEG_SCANS), resizer: Resizer::new(), rgb: Vec::new() }
     }
 
     /// Decodes `bytes` and writes the normalised tensor to `out` (cleared first).
     pub fn decode(&mut self, bytes: &[u8], out: &mut Vec<f32>) -> Result<(), ImageError> {
-        let (w, h) = match bytes {
+        let pixels = match bytes {
             [] => return Err(ImageError::Empty),
             [0xFF, 0xD8, 0xFF, ..] => self.decode_jpeg(bytes)?,
             [0x89, b'P', b'N', b'G', ..] => self.decode_other(bytes, image::ImageFormat::Png, "PNG")?,
@@ -231,31 +262,27 @@ impl ImageDecoder {
                 return Err(ImageError::UnknownFormat(format!("bytes {}", head.join(" "))));
             }
         };
-        self.finish(w, h, out);
+        self.finish(pixels, out);
         Ok(())
     }
 
-    fn decode_jpeg(&mut self, bytes: &[u8]) -> Result<(u32, u32), ImageError> {
-        let corrupt = |e: turbojpeg::Error| ImageError::Corrupt { format: "JPEG", reason: e.to_string() };
-        let header = self.jpeg.read_header(bytes).map_err(corrupt)?;
+    fn decode_jpeg(&mut self, bytes: &[u8]) -> Result<Pixels, ImageError> {
+        let corrupt = |reason: String| ImageError::Corrupt { format: "JPEG", reason };
+        let header = self.jpeg.header(bytes).map_err(corrupt)?;
         self.plan.check_pixels(header.width as u64, header.height as u64)?;
-        if matches!(header.colorspace, Colorspace::CMYK | Colorspace::YCCK) {
+        if header.cmyk {
             // libjpeg-turbo cannot convert these to RGB.
             return self.decode_other(bytes, image::ImageFormat::Jpeg, "JPEG");
         }
-        let factor = self.plan.dct_scale(header.width as u32, header.height as u32);
-        self.jpeg.set_scaling_factor(factor).map_err(corrupt)?;
-        let scaled = header.scaled(factor);
-        self.rgb.resize(scaled.width * scaled.height * 3, 0);
-        let image = turbojpeg::Image {
-            pixels: self.rgb.as_mut_slice(),
-            width: scaled.width,
-            pitch: scaled.width * 3,
-            height: scaled.height,
-            format: PixelFormat::RGB,
+        let d = self.plan.dct_denominator(header.width as u32, header.height as u32);
+        let full = (scaled(header.width, d), scaled(header.height, d));
+        let region = if self.plan.partial && header.mcu_width > 0 {
+            self.plan.region(full.0, full.1, scaled(header.mcu_width, d))
+        } else {
+            (0, 0, full.0, full.1)
         };
-        self.jpeg.decompress(bytes, image).map_err(corrupt)?;
-        Ok((scaled.width as u32, scaled.height as u32))
+        self.jpeg.decode(bytes, (1, d), region, &mut self.rgb).map_err(corrupt)?;
+        Ok(Pixels { full, region })
     }
 
     fn decode_other(
@@ -263,7 +290,7 @@ impl ImageDecoder {
         bytes: &[u8],
         format: image::ImageFormat,
         name: &'static str,
-    ) -> Result<(u32, u32), ImageError> {
+    ) -> Result<Pixels, ImageError> {
         let corrupt = |e: image::ImageError| ImageError::Corrupt { format: name, reason: e.to_string() };
         let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
         let (w, h) = reader.into_dimensions().map_err(corrupt)?;
@@ -275,18 +302,21 @@ impl ImageDecoder {
         let rgb = reader.decode().map_err(corrupt)?.into_rgb8();
         self.rgb.clear();
         self.rgb.extend_from_slice(rgb.as_raw());
-        Ok((w, h))
+        let (w, h) = (w as usize, h as usize);
+        Ok(Pixels { full: (w, h), region: (0, 0, w, h) })
     }
 
-    fn finish(&mut self, w: u32, h: u32, out: &mut Vec<f32>) {
+    fn finish(&mut self, pixels: Pixels, out: &mut Vec<f32>) {
         let plan = &self.plan;
-        let g = plan.geometry(w, h);
-        let src = ImageRef::new(w, h, &self.rgb, PixelType::U8x3).expect("decoded buffer matches its size");
+        let g = plan.geometry(pixels.full.0 as u32, pixels.full.1 as u32);
+        let (x0, y0, w, h) = pixels.region;
+        let src =
+            ImageRef::new(w as u32, h as u32, &self.rgb, PixelType::U8x3).expect("decoded buffer matches its size");
         let mut dst = Image::new(plan.out.0, plan.out.1, PixelType::U8x3);
         let (left, top, bw, bh) = g.src_box;
         let options = ResizeOptions::new()
             .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
-            .crop(left, top, bw, bh)
+            .crop(left - x0 as f64, top - y0 as f64, bw, bh)
             .use_alpha(false);
         self.resizer.resize(&src, &mut dst, &options).expect("source and destination are both RGB8");
         normalise(plan, dst.buffer(), out);
@@ -351,11 +381,43 @@ mod tests {
     #[test]
     fn dct_scale_never_goes_below_the_resized_size() {
         let p = plan();
-        assert_eq!(p.dct_scale(451, 300), ScalingFactor::ONE);
-        assert_eq!(p.dct_scale(600, 512), ScalingFactor::ONE_HALF);
-        assert_eq!(p.dct_scale(600, 509), ScalingFactor::ONE);
-        assert_eq!(p.dct_scale(4000, 3000), ScalingFactor::ONE_EIGHTH);
-        assert_eq!(p.clone().with_dct_scaling(false).dct_scale(4000, 3000), ScalingFactor::ONE);
+        assert_eq!(p.dct_denominator(451, 300), 1);
+        assert_eq!(p.dct_denominator(600, 512), 2);
+        assert_eq!(p.dct_denominator(600, 509), 1);
+        assert_eq!(p.dct_denominator(4000, 3000), 8);
+        assert_eq!(p.clone().with_dct_scaling(false).dct_denominator(4000, 3000), 1);
+    }
+
+    #[test]
+    fn the_region_covers_the_crop_and_its_filter_reach() {
+        let p = plan();
+        let (l, t, bw, bh) = p.geometry(640, 480).src_box;
+        let (x, y, w, h) = p.region(640, 480, 16);
+        assert_eq!(x % 16, 0);
+        assert!((x as f64) < l - 1.0 && (y as f64) < t - 1.0, "{x} {y} vs {l} {t}");
+        assert!(((x + w) as f64) > l + bw + 1.0 && ((y + h) as f64) > t + bh + 1.0);
+        assert!(w * h < 640 * 480 * 3 / 4, "a 4:3 centre crop needs well under the whole image");
+    }
+
+    fn jpeg(w: u32, h: u32, quality: u8) -> Vec<u8> {
+        let img =
+            image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7 + y) as u8, (y * 3) as u8, ((x ^ y) * 5) as u8]));
+        let mut bytes = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, quality).encode_image(&img).unwrap();
+        bytes
+    }
+
+    #[test]
+    fn partial_decoding_gives_the_same_tensor_as_full_decoding() {
+        for (w, h) in [(640, 480), (480, 640), (333, 517), (1200, 700), (260, 256)] {
+            let bytes = jpeg(w, h, 85);
+            let mut full = Vec::new();
+            let mut part = Vec::new();
+            ImageDecoder::new(plan().with_partial_decoding(false)).decode(&bytes, &mut full).unwrap();
+            ImageDecoder::new(plan()).decode(&bytes, &mut part).unwrap();
+            let worst = full.iter().zip(&part).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert_eq!(worst, 0.0, "{w}x{h}: differs by up to {worst}");
+        }
     }
 
     #[test]

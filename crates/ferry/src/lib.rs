@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod encode;
 pub mod image;
+mod jpeg;
 pub mod model;
 pub mod progress;
 pub mod store;
