@@ -90,6 +90,9 @@ pub(crate) struct OrtModel {
     intra_op_threads: usize,
     info: ModelInfo,
     library: PathBuf,
+    /// The session made to describe the model, handed to the first instance: creating a session
+    /// optimises the graph, which takes a noticeable part of a second for a large model.
+    first: std::sync::Mutex<Option<Session>>,
 }
 
 impl OrtModel {
@@ -103,12 +106,14 @@ impl OrtModel {
             intra_op_threads: options.intra_op_threads.max(1),
             info: ModelInfo { inputs: vec![], outputs: vec![] },
             library: library.clone(),
+            first: std::sync::Mutex::new(None),
         };
         let session = model.session()?;
         model.info = ModelInfo {
             inputs: session.inputs().iter().map(|o| io_info(o.name(), o.dtype())).collect(),
             outputs: session.outputs().iter().map(|o| io_info(o.name(), o.dtype())).collect(),
         };
+        model.first = std::sync::Mutex::new(Some(session));
         Ok(model)
     }
 
@@ -165,7 +170,12 @@ impl Model for OrtModel {
     }
 
     fn instance(&self) -> Result<Box<dyn Backend>> {
-        Ok(Box::new(OrtBackend { session: self.session()?, info: self.info.clone() }))
+        let first = self.first.lock().expect("the session slot is never poisoned").take();
+        let session = match first {
+            Some(s) => s,
+            None => self.session()?,
+        };
+        Ok(Box::new(OrtBackend { session, info: self.info.clone() }))
     }
 }
 
