@@ -307,37 +307,21 @@ fn a_killed_job_resumes_to_byte_identical_outputs() {
 fn outputs_inside_the_input_folder_are_not_taken_for_inputs() {
     let data = tempfile::tempdir().unwrap();
     std::fs::copy(examples().join("chelsea.jpg"), data.path().join("chelsea.jpg")).unwrap();
+    let (model, input) = (mobilenet(), data.path().to_str().unwrap().to_string());
+    let run_twice = |out: &str| {
+        for _ in 0..2 {
+            let o =
+                transform(&["--model", model.to_str().unwrap(), "--input", &input, "--output", out, "--top-k", "1"]);
+            assert!(o.status.success(), "{}", stderr(&o));
+        }
+    };
     let out = data.path().join("predictions");
-    for _ in 0..2 {
-        let o = transform(&[
-            "--model",
-            mobilenet().to_str().unwrap(),
-            "--input",
-            data.path().to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--top-k",
-            "1",
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-    }
+    run_twice(out.to_str().unwrap());
     assert_eq!(files(&out), ["_ferry/report.json", "chelsea.jpg.out"]);
     assert_eq!(json(&out.join("_ferry/report.json"))["objects_total"], 1);
 
     // Outputs written next to their inputs.
-    for _ in 0..2 {
-        let o = transform(&[
-            "--model",
-            mobilenet().to_str().unwrap(),
-            "--input",
-            data.path().to_str().unwrap(),
-            "--output",
-            data.path().to_str().unwrap(),
-            "--top-k",
-            "1",
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-    }
+    run_twice(&input);
     let report = json(&data.path().join("_ferry/report.json"));
     assert_eq!(report["objects_total"], 1, "{report}");
     assert_eq!(report["objects_skipped"], 1, "{report}");
