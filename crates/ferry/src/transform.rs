@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ferry_backend::{Backend, BackendError, BackendKind, LoadOptions, Model, Tensor};
+use ferry_backend::{Backend, BackendError, BackendKind, LoadOptions, Tensor};
 use futures::TryStreamExt;
 use object_store::buffered::BufWriter;
 use object_store::path::Path;
@@ -275,7 +275,7 @@ enum Event {
 
 /// Everything about the model that the stages need, checked before any object is read.
 struct Prepared {
-    model: Arc<dyn Model>,
+    runtime: String,
     instances: Vec<Box<dyn Backend>>,
     plan: ImagePlan,
     encoder: Encoder,
@@ -314,7 +314,7 @@ fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
             .map(|h| h.join().expect("creating a model instance panicked"))
             .collect::<Result<Vec<_>, _>>()
     })?;
-    Ok(Prepared { model, instances, plan, encoder })
+    Ok(Prepared { runtime: model.runtime(), instances, plan, encoder })
 }
 
 async fn list(location: &Location) -> Result<Vec<ObjectMeta>, JobError> {
@@ -360,7 +360,7 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
     };
     let input = Location::open(&cfg.input, false, cfg.max_retries)?;
     let output = Location::open(&cfg.output, true, cfg.max_retries)?;
-    let runtime = prepared.model.runtime();
+    let runtime = prepared.runtime.clone();
     tracing::info!(model = %cfg.model.display(), %runtime, input = %input.url, output = %output.url, "starting transform");
 
     let list_started = Instant::now();
@@ -482,7 +482,7 @@ async fn run_pipeline(
     stats: Arc<Stats>,
     skipped: usize,
 ) -> PipelineOutcome {
-    let Prepared { model: _, instances, plan, encoder } = prepared;
+    let Prepared { runtime: _, instances, plan, encoder } = prepared;
     let encoder = Arc::new(encoder);
     let item_shape = plan.item_shape();
     let (decode_tx, decode_rx) = async_channel::bounded::<DecodeJob>(cfg.decode_threads * 4);
