@@ -1,0 +1,372 @@
+//! Queries on one sketch or a sum of sketches: module scores, counts and attribute statistics,
+//! unrolling into a slot, the greedy recursive decoder and the joint least-squares decoder.
+//!
+//! Every estimate of a module's block is a least-squares fit on the valid coordinates. With
+//! nothing erased and orthonormal embeddings that fit is a plain projection `R_Mᵀ u`, which the
+//! code takes as a shortcut; after erasure the fit is what keeps attribute errors growing only
+//! as `sqrt(d/d')`.
+
+use std::borrow::Cow;
+
+use nalgebra::{DMatrix, DVector};
+
+use crate::sketch::{Sketch, View};
+use crate::sketcher::{EmbeddingKind, Sketcher};
+use crate::vector;
+use crate::{Error, Result};
+
+/// One object found by the decoder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    /// Index, in the decoder's output, of the object whose slot this one was found in; `None`
+    /// at the top level.
+    pub parent: Option<usize>,
+    /// Slots taken from the top down to this object.
+    pub path: Vec<u16>,
+    /// The module identified.
+    pub module: u32,
+    /// Estimated effective weight (the product of edge weights along the path; the summed
+    /// weight when several objects of one module share the slot).
+    pub weight: f32,
+    /// Estimated attributes (the weighted mean when several objects were merged).
+    pub attr: Vec<f32>,
+}
+
+/// How far the greedy decoder goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeOptions {
+    /// Levels below the top to unroll (0 decodes the top level only).
+    pub max_depth: usize,
+    /// Objects to take out of one slot (or the top level) before moving on; 1 for ordered slots,
+    /// more for bag slots and top sets with several objects.
+    pub max_per_slot: usize,
+    /// After the greedy pass, refit every found object jointly on the sketch itself. The greedy
+    /// pass estimates each object against everything else in its slot, so the presence parts of
+    /// its neighbours leak into its weight; for a fixed object graph that leak is the same every
+    /// time, a bias rather than noise. The refit removes it between found objects, at a cost of
+    /// `(objects·(k+1))²·d` flops, which is why it is optional.
+    pub refine: bool,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        DecodeOptions { max_depth: 8, max_per_slot: 1, refine: false }
+    }
+}
+
+/// The least-squares estimate of one module's block `[c·Σw ; Σ w·x]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockEstimate {
+    /// The module.
+    pub module: u32,
+    /// Summed weight `Σ w` (the count when weights are 1).
+    pub weight: f32,
+    /// Weighted attribute sum `Σ w·x`.
+    pub attr_sum: Vec<f32>,
+}
+
+impl BlockEstimate {
+    /// The weighted mean attribute; zeros when the weight is not positive.
+    pub fn mean(&self) -> Vec<f32> {
+        if self.weight > 0.0 {
+            self.attr_sum.iter().map(|v| v / self.weight).collect()
+        } else {
+            vec![0.0; self.attr_sum.len()]
+        }
+    }
+}
+
+impl Sketcher {
+    /// Prepares a stored sketch for queries, checking that it was made with this dimension.
+    pub fn view(&self, s: &Sketch) -> Result<View> {
+        if s.full_dim != self.dim() || s.kept() > s.full_dim {
+            return Err(Error::Dimension { expected: self.dim(), got: s.full_dim });
+        }
+        Ok(View::new(s))
+    }
+
+    /// Presence scores `(d/d')·⟨r_M, u⟩/c` of every module: at the top level, the estimated count
+    /// (summed weight) of each module.
+    pub fn scores(&self, v: &View) -> Vec<f32> {
+        let f = v.scale() / self.params().c;
+        (0..self.modules().len() as u32).map(|m| vector::dot(self.presence(m), &v.data) * f).collect()
+    }
+
+    /// The correlation estimate of module `m`'s count at the level of `v`.
+    pub fn count(&self, v: &View, m: u32) -> Result<f32> {
+        self.module(m)?;
+        Ok(vector::dot(self.presence(m), &v.data) * v.scale() / self.params().c)
+    }
+
+    /// The least-squares estimate of module `m`'s block at the level of `v`: its summed weight
+    /// and weighted attribute sum.
+    pub fn block(&self, v: &View, m: u32) -> Result<BlockEstimate> {
+        self.module(m)?;
+        let z = self.fit(v, &[m]);
+        Ok(self.estimate(m, &z))
+    }
+
+    /// The sub-sketch in slot `slot` of a module-`m` object at the level of `v`: its own block is
+    /// fitted and removed, and the rest rotated back by `Q_{m,slot}ᵀ`.
+    pub fn unroll(&self, v: &View, m: u32, slot: usize) -> Result<View> {
+        let spec = self.module(m)?;
+        if slot >= spec.n_slots {
+            return Err(Error::Dag(format!("module {m} has {} slots, slot {slot} was asked for", spec.n_slots)));
+        }
+        let mut r = v.clone();
+        let z = self.fit(&r, &[m]);
+        self.subtract(&mut r, &[m], &z);
+        Ok(self.slot_view(&r, m, slot))
+    }
+
+    /// The greedy recursive decoder of a stored sketch.
+    pub fn decode(&self, s: &Sketch, opts: DecodeOptions) -> Result<Vec<Decoded>> {
+        Ok(self.decode_view(&self.view(s)?, opts))
+    }
+
+    /// The greedy recursive decoder, from any level (a top-level view or an unrolled slot).
+    pub fn decode_view(&self, v: &View, opts: DecodeOptions) -> Vec<Decoded> {
+        let mut out = Vec::new();
+        let tau = self.tau_sigmas() * v.sigma;
+        self.decode_slot(v.clone(), opts, opts.max_depth, tau, None, Vec::new(), &mut out);
+        if opts.refine && out.len() > 1 {
+            self.refine(v, &mut out);
+        }
+        out
+    }
+
+    /// Joint least squares of all found objects' blocks, each carried to the level of `v`
+    /// through the rotations along its path.
+    fn refine(&self, v: &View, out: &mut [Decoded]) {
+        let mut cols: Vec<Cow<'_, [f32]>> = Vec::new();
+        for (i, obj) in out.iter().enumerate() {
+            let mut chain = Vec::new();
+            let mut at = i;
+            while let Some(p) = out[at].parent {
+                chain.push((out[p].module, out[at].path[out[at].path.len() - 1] as usize));
+                at = p;
+            }
+            for col in &self.embedding(obj.module).cols {
+                let mut c = col.clone();
+                for &(m, slot) in &chain {
+                    c = self.rotation(m, slot).apply(&c);
+                }
+                if let Some(mask) = &v.mask {
+                    c.iter_mut().zip(mask).for_each(|(x, &k)| {
+                        if !k {
+                            *x = 0.0
+                        }
+                    });
+                }
+                cols.push(Cow::Owned(c));
+            }
+        }
+        let rhs = cols.iter().map(|c| vector::dot(c, &v.data) as f64).collect();
+        let z = solve_normal(&cols, rhs);
+        let c = self.params().c as f64;
+        let mut at = 0;
+        for obj in out.iter_mut() {
+            let k = obj.attr.len();
+            let w = z[at] / c;
+            if w > 0.0 {
+                obj.weight = w as f32;
+                obj.attr = z[at + 1..at + 1 + k].iter().map(|x| (x / w) as f32).collect();
+            }
+            at += k + 1;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn decode_slot(
+        &self,
+        mut u: View,
+        opts: DecodeOptions,
+        depth_left: usize,
+        tau: f32,
+        parent: Option<usize>,
+        path: Vec<u16>,
+        out: &mut Vec<Decoded>,
+    ) {
+        if tau <= 0.0 {
+            return;
+        }
+        let c = self.params().c as f64;
+        let mut found = Vec::new();
+        for _ in 0..opts.max_per_slot {
+            let scores = self.scores(&u);
+            let (m, &best) = scores
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .expect("a sketcher has at least one module when it has a sketch to decode");
+            if best < tau {
+                break;
+            }
+            let m = m as u32;
+            let z = self.fit(&u, &[m]);
+            let w = z[0] / c;
+            if w < tau as f64 {
+                break;
+            }
+            self.subtract(&mut u, &[m], &z);
+            found.push((m, z));
+        }
+        for (m, z) in found {
+            let w = z[0] / c;
+            let idx = out.len();
+            out.push(Decoded {
+                parent,
+                path: path.clone(),
+                module: m,
+                weight: w as f32,
+                attr: z[1..].iter().map(|v| (v / w) as f32).collect(),
+            });
+            if depth_left == 0 {
+                continue;
+            }
+            for j in 0..self.modules()[m as usize].n_slots {
+                let mut p = path.clone();
+                p.push(j as u16);
+                self.decode_slot(self.slot_view(&u, m, j), opts, depth_left - 1, tau, Some(idx), p, out);
+            }
+        }
+    }
+
+    fn slot_view(&self, r: &View, m: u32, slot: usize) -> View {
+        let q = self.rotation(m, slot);
+        View {
+            data: q.apply_t(&r.data),
+            mask: r.mask.as_ref().map(|mask| q.apply_t_mask(mask)),
+            valid: r.valid,
+            sigma: r.sigma,
+        }
+    }
+
+    /// The embedding columns of `modules`, restricted to the valid coordinates of `v`.
+    fn columns<'a>(&'a self, v: &View, modules: &[u32]) -> Vec<Cow<'a, [f32]>> {
+        let mut cols = Vec::new();
+        for &m in modules {
+            for col in &self.embedding(m).cols {
+                cols.push(match &v.mask {
+                    None => Cow::Borrowed(col.as_slice()),
+                    Some(mask) => Cow::Owned(col.iter().zip(mask).map(|(&x, &k)| if k { x } else { 0.0 }).collect()),
+                });
+            }
+        }
+        cols
+    }
+
+    /// Least squares `argmin_z ‖u − [R_m…] z‖` over the valid coordinates. The blocks are
+    /// nearly orthogonal by construction, so the normal equations are well conditioned.
+    pub(crate) fn fit(&self, v: &View, modules: &[u32]) -> Vec<f64> {
+        let cols = self.columns(v, modules);
+        let rhs: Vec<f64> = cols.iter().map(|c| vector::dot(c, &v.data) as f64).collect();
+        if v.mask.is_none() && modules.len() == 1 && self.params().embedding == EmbeddingKind::Orthonormal {
+            return rhs;
+        }
+        solve_normal(&cols, rhs)
+    }
+
+    fn subtract(&self, v: &mut View, modules: &[u32], z: &[f64]) {
+        let cols = self.columns(v, modules);
+        for (col, &zi) in cols.iter().zip(z) {
+            vector::axpy(&mut v.data, -(zi as f32), col);
+        }
+    }
+
+    fn estimate(&self, m: u32, z: &[f64]) -> BlockEstimate {
+        BlockEstimate {
+            module: m,
+            weight: (z[0] / self.params().c as f64) as f32,
+            attr_sum: z[1..].iter().map(|&v| v as f32).collect(),
+        }
+    }
+
+    /// The joint least-squares decoder over the given modules (all of them, for a small
+    /// vocabulary): the right estimate for sums of many sketches, whose module components are
+    /// coherent and would leak into each other's correlation scores. Needs
+    /// `Σ (k_M + 1) ≤ d'/2`.
+    pub fn joint(&self, v: &View, modules: &[u32]) -> Result<Vec<BlockEstimate>> {
+        let mut width = 0;
+        for &m in modules {
+            width += self.module(m)?.attr_dim + 1;
+        }
+        if 2 * width > v.valid {
+            return Err(Error::Params(format!(
+                "the joint decoder over {} modules needs {width} unknowns, more than half of the {} kept coordinates",
+                modules.len(),
+                v.valid
+            )));
+        }
+        let z = self.fit(v, modules);
+        let mut out = Vec::with_capacity(modules.len());
+        let mut at = 0;
+        for &m in modules {
+            let k = self.modules()[m as usize].attr_dim;
+            out.push(self.estimate(m, &z[at..at + k + 1]));
+            at += k + 1;
+        }
+        Ok(out)
+    }
+
+    /// Decodes a sum of many sketches at one level when the vocabulary is too large for
+    /// [`Sketcher::joint`] over every module: modules are added greedily by their score on the
+    /// residual, and all chosen blocks are refitted jointly after each addition. Stops when the
+    /// best remaining score is under τ in units of the residual's own noise level, or after
+    /// `max_modules`.
+    pub fn decode_aggregate(&self, v: &View, max_modules: usize) -> Vec<BlockEstimate> {
+        let tau = self.tau_sigmas();
+        let mut chosen: Vec<u32> = Vec::new();
+        let mut z: Vec<f64> = Vec::new();
+        let mut width = 0;
+        while chosen.len() < max_modules {
+            let mut r = v.clone();
+            if !chosen.is_empty() {
+                self.subtract(&mut r, &chosen, &z);
+            }
+            let sigma = vector::norm(&r.data) * (r.data.len() as f32 / r.valid as f32).sqrt() / (r.valid as f32).sqrt();
+            let scores = self.scores(&r);
+            let best = scores
+                .iter()
+                .enumerate()
+                .filter(|(m, _)| !chosen.contains(&(*m as u32)))
+                .max_by(|a, b| a.1.total_cmp(b.1));
+            let Some((m, &s)) = best else { break };
+            let k = self.modules()[m].attr_dim;
+            if s < tau * sigma || 2 * (width + k + 1) > v.valid {
+                break;
+            }
+            chosen.push(m as u32);
+            width += k + 1;
+            z = self.fit(v, &chosen);
+        }
+        let mut out = Vec::with_capacity(chosen.len());
+        let mut at = 0;
+        for &m in &chosen {
+            let k = self.modules()[m as usize].attr_dim;
+            out.push(self.estimate(m, &z[at..at + k + 1]));
+            at += k + 1;
+        }
+        out
+    }
+}
+
+/// Solves `(AᵀA) z = rhs` for the columns of `A`.
+fn solve_normal(cols: &[Cow<'_, [f32]>], rhs: Vec<f64>) -> Vec<f64> {
+    let n = cols.len();
+    let mut g = DMatrix::<f64>::zeros(n, n);
+    for i in 0..n {
+        for j in 0..=i {
+            let v = vector::dot(&cols[i], &cols[j]) as f64;
+            g[(i, j)] = v;
+            g[(j, i)] = v;
+        }
+    }
+    let b = DVector::from_vec(rhs);
+    match g.clone().cholesky() {
+        Some(ch) => ch.solve(&b).iter().copied().collect(),
+        // Only when the kept coordinates are too few for the blocks (d' < k+1): fall back to the
+        // minimum-norm solution rather than failing a query.
+        None => g.svd(true, true).solve(&b, 1e-9).map(|z| z.iter().copied().collect()).unwrap_or_else(|_| vec![0.0; n]),
+    }
+}

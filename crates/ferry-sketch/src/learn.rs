@@ -1,0 +1,240 @@
+//! Learning from sketches.
+//!
+//! With the matrices known, decoded sketches expose each module's inputs (its children's
+//! attributes) and output (its own attributes), so a module is learned by plain regression
+//! ([`linear_map`]). With the matrices unknown, the presence vectors are the atoms of a sparse
+//! dictionary behind the sketches; [`learn_dictionary`] recovers them by over-parameterised MOD
+//! (method of optimal directions with OMP coding): starting with more atoms than modules is what
+//! keeps it from merging two true atoms into one. [`Pca`] fits the module subspaces once the
+//! atoms are known, and the attribute projections that turn model features into attributes.
+
+use nalgebra::{DMatrix, DVector, SymmetricEigen};
+
+use crate::rng::Stream;
+use crate::{Error, Result};
+
+/// Least-squares `W` (rows = outputs, columns = inputs) minimising `Σ_t ‖y_t − W x_t‖²`.
+pub fn linear_map(inputs: &[Vec<f32>], outputs: &[Vec<f32>]) -> Result<DMatrix<f64>> {
+    let (n, p) = shape(inputs)?;
+    let (n2, q) = shape(outputs)?;
+    if n != n2 {
+        return Err(Error::Params(format!("{n} inputs but {n2} outputs")));
+    }
+    let x = DMatrix::from_fn(n, p, |r, c| inputs[r][c] as f64);
+    let y = DMatrix::from_fn(n, q, |r, c| outputs[r][c] as f64);
+    let w = x.svd(true, true).solve(&y, 1e-12).map_err(|e| Error::Params(e.to_string()))?;
+    Ok(w.transpose())
+}
+
+fn shape(rows: &[Vec<f32>]) -> Result<(usize, usize)> {
+    let n = rows.len();
+    let p = rows.first().map_or(0, Vec::len);
+    if n == 0 || p == 0 || rows.iter().any(|r| r.len() != p) {
+        return Err(Error::Params("samples must be non-empty and of equal length".into()));
+    }
+    Ok((n, p))
+}
+
+/// Orthogonal matching pursuit: a code of `y` with at most `sparsity` atoms of `dict` (columns,
+/// unit norm), as `(atom, coefficient)` pairs.
+pub fn omp(dict: &DMatrix<f64>, y: &DVector<f64>, sparsity: usize) -> Vec<(usize, f64)> {
+    let mut idx: Vec<usize> = Vec::new();
+    let mut coef = DVector::<f64>::zeros(0);
+    let mut r = y.clone();
+    for _ in 0..sparsity {
+        let corr = dict.tr_mul(&r);
+        let best = corr.iter().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).map(|(i, _)| i);
+        let Some(i) = best else { break };
+        if idx.contains(&i) {
+            break;
+        }
+        idx.push(i);
+        let sub = dict.select_columns(&idx);
+        match sub.clone().svd(true, true).solve(y, 1e-12) {
+            Ok(c) => coef = c,
+            Err(_) => break,
+        }
+        r = y - sub * &coef;
+    }
+    idx.into_iter().zip(coef.iter().copied()).collect()
+}
+
+/// Settings of [`learn_dictionary`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct DictionaryOptions {
+    /// Atoms to learn; about 1.5 × the expected number of modules.
+    pub atoms: usize,
+    /// Atoms per sample in the OMP coding step.
+    pub sparsity: usize,
+    /// MOD iterations.
+    pub iterations: usize,
+    /// Seed for the initial atoms and re-seeding.
+    pub seed: u64,
+    /// Two atoms closer than this |cosine| are one; the less used one is dropped at the end.
+    pub duplicate_cosine: f64,
+    /// Atoms used by fewer samples than this at the end are dropped.
+    pub min_usage: usize,
+}
+
+impl Default for DictionaryOptions {
+    fn default() -> Self {
+        DictionaryOptions { atoms: 48, sparsity: 3, iterations: 15, seed: 0, duplicate_cosine: 0.95, min_usage: 3 }
+    }
+}
+
+/// Learns unit-norm dictionary atoms (the columns of the result) from samples that are sparse
+/// combinations of unknown atoms.
+pub fn learn_dictionary(samples: &[Vec<f32>], opts: &DictionaryOptions) -> Result<DMatrix<f64>> {
+    let (t, d) = shape(samples)?;
+    if opts.atoms == 0 || opts.atoms > t {
+        return Err(Error::Params(format!("cannot learn {} atoms from {t} samples", opts.atoms)));
+    }
+    let y = DMatrix::from_fn(d, t, |r, c| samples[c][r] as f64);
+    let mut rng = Stream::from_seed(opts.seed);
+    let mut dict = DMatrix::<f64>::zeros(d, opts.atoms);
+    for (a, s) in distinct(&mut rng, t, opts.atoms).into_iter().enumerate() {
+        dict.set_column(a, &y.column(s));
+    }
+    normalise(&mut dict, &y, &mut rng);
+    let mut codes = Vec::new();
+    for _ in 0..opts.iterations {
+        codes = code_all(&dict, &y, opts.sparsity);
+        // MOD update D = Y Zᵀ (Z Zᵀ)⁺, with Z sparse.
+        let mut zzt = DMatrix::<f64>::zeros(opts.atoms, opts.atoms);
+        let mut yzt = DMatrix::<f64>::zeros(d, opts.atoms);
+        for (s, code) in codes.iter().enumerate() {
+            for &(i, a) in code {
+                for &(j, b) in code {
+                    zzt[(i, j)] += a * b;
+                }
+                yzt.column_mut(i).axpy(a, &y.column(s), 1.0);
+            }
+        }
+        let pinv = zzt.pseudo_inverse(1e-10).map_err(|e| Error::Params(e.to_string()))?;
+        dict = yzt * pinv;
+        normalise(&mut dict, &y, &mut rng);
+    }
+    // Prune: duplicates (keep the more used) and atoms hardly anyone uses.
+    let mut usage = vec![0usize; opts.atoms];
+    for code in &codes {
+        for &(i, _) in code {
+            usage[i] += 1;
+        }
+    }
+    let mut order: Vec<usize> = (0..opts.atoms).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(usage[i]));
+    let mut kept: Vec<usize> = Vec::new();
+    for i in order {
+        if usage[i] < opts.min_usage {
+            continue;
+        }
+        if kept.iter().all(|&j| dict.column(i).dot(&dict.column(j)).abs() <= opts.duplicate_cosine) {
+            kept.push(i);
+        }
+    }
+    Ok(dict.select_columns(&kept))
+}
+
+fn code_all(dict: &DMatrix<f64>, y: &DMatrix<f64>, sparsity: usize) -> Vec<Vec<(usize, f64)>> {
+    (0..y.ncols()).map(|s| omp(dict, &y.column(s).into_owned(), sparsity)).collect()
+}
+
+fn distinct(rng: &mut Stream, n: usize, k: usize) -> Vec<usize> {
+    let mut all: Vec<usize> = (0..n).collect();
+    for i in 0..k {
+        let j = i + rng.below((n - i) as u64) as usize;
+        all.swap(i, j);
+    }
+    all.truncate(k);
+    all
+}
+
+/// Normalises every column; a dead one (norm ~0) is replaced by a random sample.
+fn normalise(dict: &mut DMatrix<f64>, y: &DMatrix<f64>, rng: &mut Stream) {
+    for a in 0..dict.ncols() {
+        let mut n = dict.column(a).norm();
+        if n < 1e-8 {
+            let s = rng.below(y.ncols() as u64) as usize;
+            dict.set_column(a, &y.column(s));
+            n = dict.column(a).norm().max(1e-12);
+        }
+        dict.column_mut(a).scale_mut(1.0 / n);
+    }
+}
+
+/// A principal-component projection fitted on samples, optionally whitening.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pca {
+    /// The sample mean.
+    pub mean: Vec<f32>,
+    /// Principal directions, one unit vector per row, largest variance first.
+    pub components: Vec<Vec<f32>>,
+    /// The variance along each component.
+    pub variances: Vec<f32>,
+}
+
+impl Pca {
+    /// Fits the top `k` components of the samples (rows).
+    pub fn fit(samples: &[Vec<f32>], k: usize) -> Result<Pca> {
+        let (n, p) = shape(samples)?;
+        if k == 0 || k > p.min(n) {
+            return Err(Error::Params(format!("cannot fit {k} components to {n} samples of dimension {p}")));
+        }
+        let mut mean = vec![0.0f64; p];
+        for s in samples {
+            for (m, &v) in mean.iter_mut().zip(s) {
+                *m += v as f64;
+            }
+        }
+        mean.iter_mut().for_each(|m| *m /= n as f64);
+        let x = DMatrix::from_fn(n, p, |r, c| samples[r][c] as f64 - mean[c]);
+        let denom = (n.max(2) - 1) as f64;
+        // Eigen-decompose whichever of XᵀX (p×p) and XXᵀ (n×n) is smaller.
+        let (vecs, vals): (Vec<DVector<f64>>, Vec<f64>) = if p <= n {
+            let eig = SymmetricEigen::new(x.tr_mul(&x) / denom);
+            top(&eig, k).into_iter().map(|i| (eig.eigenvectors.column(i).into_owned(), eig.eigenvalues[i])).unzip()
+        } else {
+            let eig = SymmetricEigen::new(&x * x.transpose() / denom);
+            top(&eig, k)
+                .into_iter()
+                .map(|i| {
+                    let mut v = x.tr_mul(&eig.eigenvectors.column(i));
+                    let nrm = v.norm();
+                    if nrm > 0.0 {
+                        v /= nrm;
+                    }
+                    (v, eig.eigenvalues[i])
+                })
+                .unzip()
+        };
+        Ok(Pca {
+            mean: mean.iter().map(|&m| m as f32).collect(),
+            components: vecs.iter().map(|v| v.iter().map(|&x| x as f32).collect()).collect(),
+            variances: vals.iter().map(|&v| v.max(0.0) as f32).collect(),
+        })
+    }
+
+    /// Coordinates of `x` along the components; divided by each component's standard deviation
+    /// when `whiten`.
+    pub fn project(&self, x: &[f32], whiten: bool) -> Vec<f32> {
+        self.components
+            .iter()
+            .zip(&self.variances)
+            .map(|(c, &var)| {
+                let v: f32 = c.iter().zip(x).zip(&self.mean).map(|((c, x), m)| c * (x - m)).sum();
+                if whiten {
+                    v / var.sqrt().max(1e-12)
+                } else {
+                    v
+                }
+            })
+            .collect()
+    }
+}
+
+fn top(eig: &SymmetricEigen<f64, nalgebra::Dyn>, k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..eig.eigenvalues.len()).collect();
+    idx.sort_by(|&a, &b| eig.eigenvalues[b].total_cmp(&eig.eigenvalues[a]));
+    idx.truncate(k);
+    idx
+}

@@ -1,0 +1,272 @@
+//! The random matrices of a sketch, regenerated from one seed.
+//!
+//! Nothing here is stored: a module's embedding `R_M` and a slot's rotation `Q_{M,j}` are built
+//! from seeded streams the first time they are used and cached, so a job that sees 20 of 1,000
+//! classes builds 20 embeddings. The presence vectors `r_M = R_M e₀` are the exception: every
+//! decode step scores all modules, so they are built up front and kept as one `m × d` matrix.
+
+use std::sync::OnceLock;
+
+use nalgebra::DMatrix;
+
+use crate::rng::{Stream, Tag};
+use crate::vector;
+use crate::{Error, Result};
+
+/// How `R_M` is drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EmbeddingKind {
+    /// Gaussian columns orthonormalised by QR (the recommended default; smaller errors).
+    #[default]
+    Orthonormal,
+    /// i.i.d. `N(0, 1/d)` entries, not orthonormalised.
+    Gaussian,
+}
+
+/// Sketch parameters shared by everything that writes or reads a set of sketches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Params {
+    /// Sketch dimension `d`.
+    pub d: usize,
+    /// Presence constant `c`, the coordinate put in front of every attribute vector.
+    pub c: f32,
+    /// The global seed every matrix is derived from.
+    pub seed: u64,
+    /// Decoder threshold in units of σ. `None` picks 4.5 for up to 64 modules and
+    /// `sqrt(2 ln(m·64/0.01))` above, so that scanning many modules does not raise false
+    /// positives.
+    pub tau_sigmas: Option<f32>,
+    /// How module embeddings are drawn.
+    pub embedding: EmbeddingKind,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params { d: 1024, c: 1.0, seed: 0, tau_sigmas: None, embedding: EmbeddingKind::Orthonormal }
+    }
+}
+
+/// One module's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModuleSpec {
+    /// Attribute dimension `k_M`.
+    pub attr_dim: usize,
+    /// Number of child slots `K_M`.
+    pub n_slots: usize,
+}
+
+/// A module embedding `R_M`, stored column by column (each column contiguous, length `d`).
+#[derive(Debug)]
+pub(crate) struct Embedding {
+    pub(crate) cols: Vec<Vec<f32>>,
+}
+
+/// A signed permutation `(Qv)[perm[i]] = sign[i] · v[i]`.
+#[derive(Debug)]
+pub(crate) struct Rotation {
+    perm: Vec<u32>,
+    sign: Vec<f32>,
+}
+
+impl Rotation {
+    /// `out += a · Q v`
+    pub(crate) fn apply_add(&self, v: &[f32], a: f32, out: &mut [f32]) {
+        for ((&p, &s), &x) in self.perm.iter().zip(&self.sign).zip(v) {
+            out[p as usize] += a * s * x;
+        }
+    }
+
+    /// `Q v`
+    pub(crate) fn apply(&self, v: &[f32]) -> Vec<f32> {
+        let mut out = vec![0.0; v.len()];
+        self.apply_add(v, 1.0, &mut out);
+        out
+    }
+
+    /// `Qᵀ u`
+    pub(crate) fn apply_t(&self, u: &[f32]) -> Vec<f32> {
+        self.perm.iter().zip(&self.sign).map(|(&p, &s)| s * u[p as usize]).collect()
+    }
+
+    /// `Qᵀ` applied to a coordinate mask.
+    pub(crate) fn apply_t_mask(&self, m: &[bool]) -> Vec<bool> {
+        self.perm.iter().map(|&p| m[p as usize]).collect()
+    }
+}
+
+/// Builds and decodes sketches for one set of parameters and modules.
+#[derive(Debug)]
+pub struct Sketcher {
+    params: Params,
+    modules: Vec<ModuleSpec>,
+    /// `m × d`, row `M` is `r_M`.
+    presence: Vec<f32>,
+    embeddings: Vec<OnceLock<Embedding>>,
+    rotations: Vec<OnceLock<Rotation>>,
+    slot_base: Vec<usize>,
+}
+
+impl Sketcher {
+    /// Derives the presence vectors of every module; the rest is built on first use.
+    pub fn new(params: Params, modules: &[ModuleSpec]) -> Result<Self> {
+        if params.d == 0 {
+            return Err(Error::Params("sketch dimension d must be positive".into()));
+        }
+        if params.c.is_nan() || params.c <= 0.0 {
+            return Err(Error::Params("presence constant c must be positive".into()));
+        }
+        if let Some(spec) = modules.iter().find(|s| s.attr_dim + 1 > params.d) {
+            return Err(Error::Params(format!(
+                "attribute dimension {} does not fit in d = {}",
+                spec.attr_dim, params.d
+            )));
+        }
+        let d = params.d;
+        let mut presence = vec![0.0f32; modules.len() * d];
+        for (m, row) in presence.chunks_exact_mut(d).enumerate() {
+            row.copy_from_slice(&presence_column(&params, m as u64));
+        }
+        let mut slot_base = Vec::with_capacity(modules.len() + 1);
+        let mut total = 0;
+        for s in modules {
+            slot_base.push(total);
+            total += s.n_slots;
+        }
+        slot_base.push(total);
+        Ok(Sketcher {
+            embeddings: (0..modules.len()).map(|_| OnceLock::new()).collect(),
+            rotations: (0..total).map(|_| OnceLock::new()).collect(),
+            params,
+            modules: modules.to_vec(),
+            presence,
+            slot_base,
+        })
+    }
+
+    /// The parameters.
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    /// The sketch dimension `d`.
+    pub fn dim(&self) -> usize {
+        self.params.d
+    }
+
+    /// The modules, indexed by id.
+    pub fn modules(&self) -> &[ModuleSpec] {
+        &self.modules
+    }
+
+    /// Module `m`'s shape, or an error naming the id.
+    pub fn module(&self, m: u32) -> Result<ModuleSpec> {
+        self.modules.get(m as usize).copied().ok_or(Error::UnknownModule { module: m, modules: self.modules.len() })
+    }
+
+    /// The presence vector `r_M`.
+    pub fn presence(&self, m: u32) -> &[f32] {
+        let d = self.params.d;
+        &self.presence[m as usize * d..(m as usize + 1) * d]
+    }
+
+    /// The decoder threshold in units of σ.
+    pub fn tau_sigmas(&self) -> f32 {
+        self.params.tau_sigmas.unwrap_or_else(|| {
+            let m = self.modules.len() as f32;
+            if m <= 64.0 {
+                4.5
+            } else {
+                (2.0 * (m * 64.0 / 0.01).ln()).sqrt()
+            }
+        })
+    }
+
+    /// Column `i` of `R_M` (column 0 is the presence vector).
+    pub fn embedding_column(&self, m: u32, i: usize) -> &[f32] {
+        &self.embedding(m).cols[i]
+    }
+
+    pub(crate) fn embedding(&self, m: u32) -> &Embedding {
+        self.embeddings[m as usize].get_or_init(|| {
+            let k = self.modules[m as usize].attr_dim;
+            build_embedding(&self.params, m as u64, k, self.presence(m))
+        })
+    }
+
+    pub(crate) fn rotation(&self, m: u32, slot: usize) -> &Rotation {
+        let idx = self.slot_base[m as usize] + slot;
+        debug_assert!(idx < self.slot_base[m as usize + 1], "slot {slot} out of range for module {m}");
+        self.rotations[idx].get_or_init(|| {
+            let d = self.params.d;
+            let mut s = Stream::new(self.params.seed, Tag::Rotation, m as u64, slot as u64);
+            let mut perm: Vec<u32> = (0..d as u32).collect();
+            for i in (1..d).rev() {
+                perm.swap(i, s.below(i as u64 + 1) as usize);
+            }
+            let sign = (0..d).map(|_| s.sign()).collect();
+            Rotation { perm, sign }
+        })
+    }
+
+    /// `out += a · R_M [c; x]`
+    pub(crate) fn embed_add(&self, m: u32, attr: &[f32], a: f32, out: &mut [f32]) {
+        let e = self.embedding(m);
+        vector::axpy(out, a * self.params.c, &e.cols[0]);
+        for (col, &x) in e.cols[1..].iter().zip(attr) {
+            if x != 0.0 {
+                vector::axpy(out, a * x, col);
+            }
+        }
+    }
+
+    /// `Q_{M,j} v`: places a sketch in slot `j` of a module-`M` parent (before the edge weight).
+    pub fn rotate(&self, m: u32, slot: usize, v: &[f32]) -> Vec<f32> {
+        self.rotation(m, slot).apply(v)
+    }
+
+    /// `Q_{M,j}ᵀ u`: reads slot `j` of a module-`M` parent's residual.
+    pub fn rotate_t(&self, m: u32, slot: usize, u: &[f32]) -> Vec<f32> {
+        self.rotation(m, slot).apply_t(u)
+    }
+}
+
+fn presence_column(p: &Params, m: u64) -> Vec<f32> {
+    let g = gaussian_column(p, m, 0);
+    let scale = match p.embedding {
+        EmbeddingKind::Orthonormal => 1.0 / g.iter().map(|v| v * v).sum::<f64>().sqrt(),
+        EmbeddingKind::Gaussian => 1.0 / (p.d as f64).sqrt(),
+    };
+    g.iter().map(|v| (v * scale) as f32).collect()
+}
+
+fn gaussian_column(p: &Params, m: u64, col: usize) -> Vec<f64> {
+    let mut s = Stream::new(p.seed, Tag::Embedding, m, col as u64);
+    (0..p.d).map(|_| s.normal()).collect()
+}
+
+fn build_embedding(p: &Params, m: u64, k: usize, presence: &[f32]) -> Embedding {
+    let d = p.d;
+    let mut cols = Vec::with_capacity(k + 1);
+    cols.push(presence.to_vec());
+    match p.embedding {
+        EmbeddingKind::Gaussian => {
+            let s = 1.0 / (d as f64).sqrt();
+            for i in 1..=k {
+                cols.push(gaussian_column(p, m, i).iter().map(|v| (v * s) as f32).collect());
+            }
+        }
+        EmbeddingKind::Orthonormal => {
+            let g = DMatrix::from_fn(d, k + 1, {
+                let raw: Vec<Vec<f64>> = (0..=k).map(|i| gaussian_column(p, m, i)).collect();
+                move |r, c| raw[c][r]
+            });
+            let qr = g.qr();
+            let (q, r) = (qr.q(), qr.r());
+            for i in 1..=k {
+                let sign = if r[(i, i)] < 0.0 { -1.0 } else { 1.0 };
+                cols.push(q.column(i).iter().map(|v| (v * sign) as f32).collect());
+            }
+        }
+    }
+    Embedding { cols }
+}
