@@ -54,59 +54,118 @@ impl Dag {
 impl Sketcher {
     /// The top-level sketch `S = Σ_{θ∈Top} w_θ s(θ)` of a DAG.
     pub fn sketch(&self, dag: &Dag) -> Result<Sketch> {
+        Ok(self.sketch_batch(std::slice::from_ref(dag))?.remove(0))
+    }
+
+    /// The sketches of many DAGs.
+    pub fn sketch_batch(&self, dags: &[Dag]) -> Result<Vec<Sketch>> {
         let d = self.dim();
-        let mut memo: Vec<Option<Vec<f32>>> = vec![None; dag.nodes.len()];
-        let mut state = vec![Visit::New; dag.nodes.len()];
-        let mut out = vec![0.0f32; d];
-        for &(id, w) in &dag.top {
-            self.node_sketch(dag, id, &mut memo, &mut state)?;
-            crate::vector::axpy(&mut out, w, memo[id].as_deref().expect("just built"));
-        }
-        Ok(Sketch { data: out, full_dim: d })
+        dags.iter()
+            .map(|dag| {
+                let own = self.node_sketches(dag)?;
+                let mut out = vec![0.0f32; d];
+                for &(id, w) in &dag.top {
+                    crate::vector::axpy(&mut out, w, &own[id]);
+                }
+                Ok(Sketch { data: out, full_dim: d })
+            })
+            .collect()
     }
 
     /// The sketch `s(θ)` of one node of a DAG (its subtree), for storing objects individually.
     pub fn sketch_node(&self, dag: &Dag, id: NodeId) -> Result<Sketch> {
-        let mut memo: Vec<Option<Vec<f32>>> = vec![None; dag.nodes.len()];
-        let mut state = vec![Visit::New; dag.nodes.len()];
-        self.node_sketch(dag, id, &mut memo, &mut state)?;
-        Ok(Sketch { data: memo[id].take().expect("just built"), full_dim: self.dim() })
+        if id >= dag.nodes.len() {
+            return Err(Error::Dag(format!("node {id} does not exist")));
+        }
+        let mut own = self.node_sketches(dag)?;
+        Ok(Sketch { data: std::mem::take(&mut own[id]), full_dim: self.dim() })
     }
 
-    /// Fills `memo[id]`.
-    fn node_sketch(&self, dag: &Dag, id: NodeId, memo: &mut [Option<Vec<f32>>], state: &mut [Visit]) -> Result<()> {
-        let node = dag.nodes.get(id).ok_or(Error::Dag(format!("node {id} does not exist")))?;
-        match state[id] {
-            Visit::Done => return Ok(()),
-            Visit::Open => return Err(Error::Dag(format!("node {id} is its own descendant (the graph has a cycle)"))),
-            Visit::New => {}
+    /// `s(θ)` for every node, children first. Nodes are visited in post order so that a child's
+    /// vector is still in cache when its parent adds it; that locality, not arithmetic, is what
+    /// construction time is made of (an embedding is `d·(k+1)` floats used once each).
+    fn node_sketches(&self, dag: &Dag) -> Result<Vec<Vec<f32>>> {
+        let d = self.dim();
+        let order = self.post_order(dag)?;
+        let c = self.params().c;
+        let mut own: Vec<Vec<f32>> = vec![Vec::new(); dag.nodes.len()];
+        let mut coef = Vec::new();
+        for id in order {
+            let node = &dag.nodes[id];
+            let mut s = vec![0.0f32; d];
+            coef.clear();
+            coef.push(c);
+            coef.extend_from_slice(&node.attr);
+            crate::vector::combine(&mut s, &self.embedding(node.module).cols, &coef);
+            for e in &node.children {
+                self.rotation(node.module, e.slot).apply_add(&own[e.child], e.weight, &mut s);
+            }
+            own[id] = s;
         }
-        state[id] = Visit::Open;
-        let spec = self.module(node.module)?;
-        if node.attr.len() != spec.attr_dim {
-            return Err(Error::Dag(format!(
-                "node {id} of module {} has {} attributes, the module has {}",
-                node.module,
-                node.attr.len(),
-                spec.attr_dim
-            )));
-        }
-        let mut s = vec![0.0f32; self.dim()];
-        self.embed_add(node.module, &node.attr, 1.0, &mut s);
-        for e in &node.children {
-            if e.slot >= spec.n_slots {
+        Ok(own)
+    }
+
+    /// Checks a DAG against the modules and orders its nodes children first.
+    fn post_order(&self, dag: &Dag) -> Result<Vec<NodeId>> {
+        let n = dag.nodes.len();
+        for (id, node) in dag.nodes.iter().enumerate() {
+            let spec = self.module(node.module)?;
+            if node.attr.len() != spec.attr_dim {
                 return Err(Error::Dag(format!(
-                    "node {id} puts a child in slot {} of module {}, which has {} slots",
-                    e.slot, node.module, spec.n_slots
+                    "node {id} of module {} has {} attributes, the module has {}",
+                    node.module,
+                    node.attr.len(),
+                    spec.attr_dim
                 )));
             }
-            self.node_sketch(dag, e.child, memo, state)?;
-            let child = memo[e.child].as_deref().expect("just built");
-            self.rotation(node.module, e.slot).apply_add(child, e.weight, &mut s);
+            for e in &node.children {
+                if e.slot >= spec.n_slots {
+                    return Err(Error::Dag(format!(
+                        "node {id} puts a child in slot {} of module {}, which has {} slots",
+                        e.slot, node.module, spec.n_slots
+                    )));
+                }
+                if e.child >= n {
+                    return Err(Error::Dag(format!("node {id} has child {}, which does not exist", e.child)));
+                }
+            }
         }
-        state[id] = Visit::Done;
-        memo[id] = Some(s);
-        Ok(())
+        if let Some(&(id, _)) = dag.top.iter().find(|(id, _)| *id >= n) {
+            return Err(Error::Dag(format!("top object {id} does not exist")));
+        }
+        let mut state = vec![Visit::New; n];
+        let mut order = Vec::with_capacity(n);
+        for root in 0..n {
+            if state[root] != Visit::New {
+                continue;
+            }
+            // Iterative depth-first search: (node, next child to visit).
+            let mut stack = vec![(root, 0usize)];
+            state[root] = Visit::Open;
+            while let Some(&mut (id, ref mut next)) = stack.last_mut() {
+                if let Some(e) = dag.nodes[id].children.get(*next) {
+                    *next += 1;
+                    match state[e.child] {
+                        Visit::New => {
+                            state[e.child] = Visit::Open;
+                            stack.push((e.child, 0));
+                        }
+                        Visit::Open => {
+                            return Err(Error::Dag(format!(
+                                "node {} is its own descendant (the graph has a cycle)",
+                                e.child
+                            )))
+                        }
+                        Visit::Done => {}
+                    }
+                } else {
+                    state[id] = Visit::Done;
+                    order.push(id);
+                    stack.pop();
+                }
+            }
+        }
+        Ok(order)
     }
 }
 

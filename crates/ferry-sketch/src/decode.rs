@@ -269,9 +269,8 @@ impl Sketcher {
 
     fn subtract(&self, v: &mut View, modules: &[u32], z: &[f64]) {
         let cols = self.columns(v, modules);
-        for (col, &zi) in cols.iter().zip(z) {
-            vector::axpy(&mut v.data, -(zi as f32), col);
-        }
+        let coef: Vec<f32> = z.iter().map(|&zi| -(zi as f32)).collect();
+        vector::combine(&mut v.data, &cols, &coef);
     }
 
     fn estimate(&self, m: u32, z: &[f64]) -> BlockEstimate {

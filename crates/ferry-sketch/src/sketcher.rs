@@ -61,19 +61,31 @@ pub(crate) struct Embedding {
     pub(crate) cols: Vec<Vec<f32>>,
 }
 
-/// A signed permutation `(Qv)[perm[i]] = sign[i] · v[i]`.
+/// A signed permutation `(Qv)[perm[i]] = sign[i] · v[i]`, kept in both directions so that
+/// `Q` and `Qᵀ` are both applied by gathering (sequential writes), never by scattering.
 #[derive(Debug)]
 pub(crate) struct Rotation {
     perm: Vec<u32>,
     sign: Vec<f32>,
+    /// `inv[perm[i]] = i`, with `inv_sign[perm[i]] = sign[i]`: `(Qv)[o] = inv_sign[o] · v[inv[o]]`.
+    inv: Vec<u32>,
+    inv_sign: Vec<f32>,
 }
 
 impl Rotation {
+    fn new(perm: Vec<u32>, sign: Vec<f32>) -> Self {
+        let mut inv = vec![0u32; perm.len()];
+        let mut inv_sign = vec![0.0f32; perm.len()];
+        for (i, (&p, &s)) in perm.iter().zip(&sign).enumerate() {
+            inv[p as usize] = i as u32;
+            inv_sign[p as usize] = s;
+        }
+        Rotation { perm, sign, inv, inv_sign }
+    }
+
     /// `out += a · Q v`
     pub(crate) fn apply_add(&self, v: &[f32], a: f32, out: &mut [f32]) {
-        for ((&p, &s), &x) in self.perm.iter().zip(&self.sign).zip(v) {
-            out[p as usize] += a * s * x;
-        }
+        vector::gather_add(out, a, v, &self.inv, &self.inv_sign);
     }
 
     /// `Q v`
@@ -85,7 +97,9 @@ impl Rotation {
 
     /// `Qᵀ u`
     pub(crate) fn apply_t(&self, u: &[f32]) -> Vec<f32> {
-        self.perm.iter().zip(&self.sign).map(|(&p, &s)| s * u[p as usize]).collect()
+        let mut out = vec![0.0; u.len()];
+        vector::gather_add(&mut out, 1.0, u, &self.perm, &self.sign);
+        out
     }
 
     /// `Qᵀ` applied to a coordinate mask.
@@ -204,19 +218,8 @@ impl Sketcher {
                 perm.swap(i, s.below(i as u64 + 1) as usize);
             }
             let sign = (0..d).map(|_| s.sign()).collect();
-            Rotation { perm, sign }
+            Rotation::new(perm, sign)
         })
-    }
-
-    /// `out += a · R_M [c; x]`
-    pub(crate) fn embed_add(&self, m: u32, attr: &[f32], a: f32, out: &mut [f32]) {
-        let e = self.embedding(m);
-        vector::axpy(out, a * self.params.c, &e.cols[0]);
-        for (col, &x) in e.cols[1..].iter().zip(attr) {
-            if x != 0.0 {
-                vector::axpy(out, a * x, col);
-            }
-        }
     }
 
     /// `Q_{M,j} v`: places a sketch in slot `j` of a module-`M` parent (before the edge weight).

@@ -1,0 +1,120 @@
+//! Sketch construction and full decode against the numpy implementation of the same
+//! construction (`bench/sketch_peer.py`), on the same workloads, printed side by side.
+//!
+//! `cargo bench -p ferry-sketch --bench sketch`
+
+use std::hint::black_box;
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use ferry_sketch::{Dag, DecodeOptions, ModuleSpec, NodeId, Params, Sketcher};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::StandardNormal;
+
+struct Workload {
+    name: &'static str,
+    d: usize,
+    k: usize,
+    m: usize,
+    fan: usize,
+    depth: usize,
+    trees: usize,
+}
+
+const WORKLOADS: [Workload; 2] = [
+    Workload { name: "d1024", d: 1024, k: 8, m: 32, fan: 3, depth: 3, trees: 100 },
+    Workload { name: "d4096", d: 4096, k: 16, m: 64, fan: 2, depth: 4, trees: 50 },
+];
+
+fn grow(dag: &mut Dag, r: &mut StdRng, w: &Workload, depth: usize) -> NodeId {
+    let x: Vec<f32> = (0..w.k).map(|_| r.sample::<f32, _>(StandardNormal)).collect();
+    let n = x.iter().map(|v| v * v).sum::<f32>().sqrt();
+    let id = dag.add(r.random_range(0..w.m as u32), x.into_iter().map(|v| v / n).collect());
+    if depth > 0 {
+        for j in 0..w.fan {
+            let c = grow(dag, r, w, depth - 1);
+            dag.link(id, j, 1.0 / w.fan as f32, c);
+        }
+    }
+    id
+}
+
+/// Microseconds per tree (best of rounds) for construction and for a full decode.
+fn run(w: &Workload) -> (f64, f64, f64) {
+    let sk = Sketcher::new(
+        Params { d: w.d, seed: 1, ..Params::default() },
+        &vec![ModuleSpec { attr_dim: w.k, n_slots: w.fan }; w.m],
+    )
+    .unwrap();
+    let mut r = StdRng::seed_from_u64(2);
+    let forest: Vec<Dag> = (0..w.trees)
+        .map(|_| {
+            let mut dag = Dag::default();
+            let root = grow(&mut dag, &mut r, w, w.depth);
+            dag.top.push((root, 1.0));
+            dag
+        })
+        .collect();
+    // Build every matrix once, as the peer does before it is timed.
+    for t in &forest {
+        sk.decode(&sk.sketch(t).unwrap(), DecodeOptions { max_depth: w.depth, ..Default::default() }).unwrap();
+    }
+    let (mut best_s, mut best_d, mut objects) = (f64::MAX, f64::MAX, 0.0);
+    for _ in 0..10 {
+        let t0 = Instant::now();
+        let sketches = sk.sketch_batch(black_box(&forest)).unwrap();
+        best_s = best_s.min(t0.elapsed().as_secs_f64());
+        let t0 = Instant::now();
+        let mut n = 0;
+        for s in &sketches {
+            n += black_box(sk.decode(s, DecodeOptions { max_depth: w.depth, ..Default::default() }).unwrap()).len();
+        }
+        best_d = best_d.min(t0.elapsed().as_secs_f64());
+        objects = n as f64 / w.trees as f64;
+    }
+    (best_s / w.trees as f64 * 1e6, best_d / w.trees as f64 * 1e6, objects)
+}
+
+fn peer() -> Option<serde_json::Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/sketch_peer.py");
+    let out = Command::new("python3").arg(script).output().ok()?;
+    if !out.status.success() {
+        eprintln!("numpy peer failed: {}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+fn main() {
+    // `cargo test --benches` runs this with --bench absent; only time when asked to bench.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let peer = if std::env::var_os("FERRY_BENCH_NO_PEER").is_some() { None } else { peer() };
+    println!(
+        "{:<7} {:>9} {:>12} {:>12} {:>8} {:>12} {:>12} {:>8}",
+        "", "objects", "sketch µs", "numpy µs", "ratio", "decode µs", "numpy µs", "ratio"
+    );
+    for w in &WORKLOADS {
+        let (s, d, objects) = run(w);
+        let p = peer.as_ref().and_then(|p| p.get(w.name));
+        let ps = p.and_then(|p| p["sketch_us"].as_f64());
+        let pd = p.and_then(|p| p["decode_us"].as_f64());
+        let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+        let ratio = |a: Option<f64>, b: f64| a.map_or("-".to_string(), |a| format!("{:.1}×", a / b));
+        println!(
+            "{:<7} {:>9.1} {:>12.1} {:>12} {:>8} {:>12.1} {:>12} {:>8}",
+            w.name,
+            objects,
+            s,
+            fmt(ps),
+            ratio(ps, s),
+            d,
+            fmt(pd),
+            ratio(pd, d)
+        );
+    }
+    println!("per tree: d1024 = k 8, m 32, fan-out 3, depth 3 (40 objects); d4096 = k 16, m 64, fan-out 2, depth 4 (31 objects)");
+}
