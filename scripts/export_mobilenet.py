@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Exports torchvision's MobileNetV2 (ImageNet weights) to examples/models/mobilenet_v2/.
 
-Writes model.onnx (dynamic batch axis), labels.txt (the 1,000 ImageNet class names, in the
+Writes model.onnx (dynamic batch axis; outputs "logits" and the pooled "features" that sketches
+read, added by add_feature_output.py), labels.txt (the 1,000 ImageNet class names, in the
 model's output order) and ferry.toml (ImageNet pre-processing, softmax post-processing).
 
 Needs torch and torchvision (Debian's python3-torch, python3-torchvision) and the weights file
@@ -36,6 +37,7 @@ layout = "nchw"
 [output]
 name = "logits"
 softmax = true        # the graph ends in logits
+features = "features" # pooled penultimate features, for sketches; not written to .out
 """
 
 
@@ -67,6 +69,9 @@ def main():
         model, torch.zeros(1, 3, 224, 224), os.path.join(args.out, "model.onnx"),
         input_names=["input"], output_names=["logits"],
         dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=13)
+    sys.path.insert(0, here)
+    from add_feature_output import add_feature_output
+    add_feature_output(os.path.join(args.out, "model.onnx"))
     with open(os.path.join(args.out, "labels.txt"), "w") as f:
         f.write("\n".join(_IMAGENET_CATEGORIES) + "\n")
     with open(os.path.join(args.out, "ferry.toml"), "w") as f:

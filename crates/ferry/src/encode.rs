@@ -27,6 +27,8 @@ pub struct Encoder {
     pub top_k: Option<usize>,
     /// Class names.
     pub labels: Option<Vec<String>>,
+    /// Outputs read by ferry itself (pooled features for sketches), left out of the body.
+    pub hidden: Vec<usize>,
 }
 
 impl Encoder {
@@ -63,13 +65,16 @@ impl Encoder {
             serde_json::to_writer(out, &top).expect("writing to a Vec cannot fail");
             return;
         }
-        if let [(shape, values)] = outputs.as_slice() {
+        let shown: Vec<usize> = (0..outputs.len()).filter(|i| !self.hidden.contains(i)).collect();
+        if let [only] = shown.as_slice() {
+            let (shape, values) = &outputs[*only];
             write_nested(out, shape, values);
             return;
         }
         out.push(b'{');
-        for (i, ((shape, values), name)) in outputs.iter().zip(&self.output_names).enumerate() {
-            if i > 0 {
+        for (n, &i) in shown.iter().enumerate() {
+            let ((shape, values), name) = (&outputs[i], &self.output_names[i]);
+            if n > 0 {
                 out.push(b',');
             }
             serde_json::to_writer(&mut *out, name).expect("writing to a Vec cannot fail");
@@ -158,7 +163,14 @@ mod tests {
     use super::*;
 
     fn encoder() -> Encoder {
-        Encoder { output_names: vec!["logits".into()], score_output: 0, softmax: false, top_k: None, labels: None }
+        Encoder {
+            output_names: vec!["logits".into()],
+            score_output: 0,
+            softmax: false,
+            top_k: None,
+            labels: None,
+            hidden: Vec::new(),
+        }
     }
 
     fn json(bytes: Vec<u8>) -> serde_json::Value {
@@ -197,6 +209,16 @@ mod tests {
         let mut records = vec![Ok(vec![(vec![1], vec![f32::NAN]), (vec![2], vec![0.5, 1e-7])])];
         let v = json(e.body(&mut records));
         assert_eq!(v, serde_json::json!({"predictions": [{"a": [null], "b": [0.5, 1e-7]}]}));
+    }
+
+    #[test]
+    fn hidden_outputs_are_left_out() {
+        let e = Encoder { output_names: vec!["logits".into(), "features".into()], hidden: vec![1], ..encoder() };
+        let mut records = vec![Ok(vec![(vec![2], vec![0.5, 2.0]), (vec![3], vec![1.0, 2.0, 3.0])])];
+        assert_eq!(json(e.body(&mut records)), serde_json::json!({"predictions": [[0.5, 2.0]]}));
+        let e = Encoder { output_names: vec!["a".into(), "b".into(), "f".into()], hidden: vec![2], ..encoder() };
+        let mut records = vec![Ok(vec![(vec![], vec![1.0]), (vec![], vec![2.0]), (vec![], vec![3.0])])];
+        assert_eq!(json(e.body(&mut records)), serde_json::json!({"predictions": [{"a": 1.0, "b": 2.0}]}));
     }
 
     #[test]

@@ -131,6 +131,9 @@ pub struct OutputSpec {
     /// Apply a softmax to that output (for graphs that end in logits).
     #[serde(default)]
     pub softmax: bool,
+    /// The output holding pooled features, read by sketches and never written to `.out`.
+    #[serde(default)]
+    pub features: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -145,6 +148,8 @@ struct FerryToml {
 /// A model and what travels with it.
 #[derive(Debug, Clone)]
 pub struct ModelDir {
+    /// The model directory; `None` for a bare `.onnx` file.
+    pub dir: Option<PathBuf>,
     /// The ONNX file.
     pub onnx: PathBuf,
     /// Input pre-processing.
@@ -160,6 +165,7 @@ impl ModelDir {
     pub fn open(path: &Path) -> Result<Self, ModelError> {
         if path.is_file() {
             return Ok(Self {
+                dir: None,
                 onnx: path.to_owned(),
                 input: ImageInput::default(),
                 output: OutputSpec::default(),
@@ -186,7 +192,7 @@ impl ModelDir {
         } else {
             None
         };
-        Ok(Self { onnx, input: config.input, output: config.output, labels })
+        Ok(Self { dir: Some(path.to_owned()), onnx, input: config.input, output: config.output, labels })
     }
 }
 
