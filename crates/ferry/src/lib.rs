@@ -12,5 +12,6 @@ pub mod image;
 mod jpeg;
 pub mod model;
 pub mod progress;
+pub mod sketch;
 pub mod store;
 pub mod transform;

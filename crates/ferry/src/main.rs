@@ -25,6 +25,119 @@ enum Command {
     /// Measure the model alone: every thread runs batches of synthetic input flat out. Prints one
     /// JSON line.
     ModelBench(ModelBenchArgs),
+    /// Sketches: fit a profile for a model, and query the sketch sets jobs write with --sketch.
+    #[command(subcommand)]
+    Sketch(SketchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SketchCommand {
+    /// Run the model over calibration images and write the sketch profile (PCA of the pooled
+    /// features, attribute scales, modules) next to the model.
+    Fit(FitArgs),
+    /// The records most similar to one, by cosine of their sketches. Prints JSON lines.
+    Similar(SimilarArgs),
+    /// How many records had a class as their top class, over all records or those under --prefix.
+    Count(ClassArgs),
+    /// Count, mean score and mean attributes of a class, over all records or those under --prefix.
+    /// Prints JSON.
+    Stats(ClassArgs),
+    /// The object tree recovered from one record's sketch. Prints JSON.
+    Decode(DecodeArgs),
+    /// Write a smaller copy of a sketch set keeping the first D' coordinates of every sketch; it
+    /// answers the same queries, less precisely.
+    Erase(EraseArgs),
+}
+
+#[derive(Debug, Args)]
+struct FitArgs {
+    /// A model directory whose ferry.toml names the features output.
+    #[arg(long, env = "FERRY_MODEL")]
+    model: PathBuf,
+    /// Calibration images: a folder, file://PATH or s3://bucket/prefix.
+    #[arg(long)]
+    input: String,
+    /// Where to write the profile [default: <model>/sketch_profile.json].
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Use at most this many images, spread evenly over the listing.
+    #[arg(long, default_value_t = 1000)]
+    limit: usize,
+    /// Sketch dimension d (floats per sketch).
+    #[arg(long, default_value_t = 1024)]
+    dim: usize,
+    /// Seed of the sketch matrices.
+    #[arg(long, default_value_t = ferry::sketch::profile::FitSettings::default().seed)]
+    seed: u64,
+    /// Classes attached to each image (the top one, and the rest weighted by probability).
+    #[arg(long, default_value_t = 3)]
+    top_classes: usize,
+    /// Model runtime: auto, ort or tract.
+    #[arg(long, default_value = "auto")]
+    backend: BackendKind,
+    /// Records per model call.
+    #[arg(long, default_value_t = 8)]
+    max_batch_size: usize,
+}
+
+#[derive(Debug, Args)]
+struct SetArgs {
+    /// The sketch set: the --sketch location of a transform job.
+    #[arg(long, env = "FERRY_SKETCHES")]
+    sketches: String,
+    /// Retries of a failed request to a remote store.
+    #[arg(long, default_value_t = 10)]
+    max_retries: usize,
+}
+
+#[derive(Debug, Args)]
+struct SimilarArgs {
+    #[command(flatten)]
+    set: SetArgs,
+    /// The query: an input key relative to the job's input prefix.
+    #[arg(long)]
+    to: String,
+    /// Record index inside that object [default: the first].
+    #[arg(long)]
+    record: Option<i64>,
+    /// How many to return.
+    #[arg(short, long, default_value_t = 10)]
+    k: usize,
+}
+
+#[derive(Debug, Args)]
+struct ClassArgs {
+    #[command(flatten)]
+    set: SetArgs,
+    /// The class: a label from the model's labels.txt, or class:N.
+    #[arg(long)]
+    module: String,
+    /// Only records whose key starts with this.
+    #[arg(long, default_value = "")]
+    prefix: String,
+}
+
+#[derive(Debug, Args)]
+struct DecodeArgs {
+    #[command(flatten)]
+    set: SetArgs,
+    /// An input key relative to the job's input prefix.
+    key: String,
+    /// Record index inside that object [default: the first].
+    #[arg(long)]
+    record: Option<i64>,
+}
+
+#[derive(Debug, Args)]
+struct EraseArgs {
+    #[command(flatten)]
+    set: SetArgs,
+    /// Coordinates to keep (D' < d).
+    #[arg(long)]
+    keep: usize,
+    /// Where to write the smaller set.
+    #[arg(long)]
+    output: String,
 }
 
 #[derive(Debug, Args)]
@@ -115,6 +228,13 @@ struct TransformArgs {
     /// Retries of a failed request to a remote store, with exponential backoff.
     #[arg(long, env = "FERRY_MAX_RETRIES", default_value_t = 10)]
     max_retries: usize,
+    /// Also write a sketch of every record here (one <key>.parquet per object), for
+    /// `ferry sketch` queries. Needs a sketch profile (`ferry sketch fit`).
+    #[arg(long, env = "FERRY_SKETCH")]
+    sketch: Option<String>,
+    /// The sketch profile [default: <model>/sketch_profile.json].
+    #[arg(long, env = "FERRY_SKETCH_PROFILE")]
+    sketch_profile: Option<PathBuf>,
 }
 
 impl TransformArgs {
@@ -139,6 +259,8 @@ impl TransformArgs {
             report: self.report,
             progress: self.progress,
             max_retries: self.max_retries,
+            sketch: self.sketch,
+            sketch_profile: self.sketch_profile,
         }
     }
 }
@@ -168,6 +290,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Sketch(cmd) => match runtime.block_on(sketch(cmd)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::ModelBench(args) => {
             let config = ferry::bench::BenchConfig {
                 model: args.model,
@@ -187,6 +316,84 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+    }
+}
+
+async fn sketch(cmd: SketchCommand) -> Result<(), String> {
+    use ferry::sketch::query::{erase, Queries};
+    use ferry::sketch::store::SketchSet;
+    let json = |v: &dyn erased::Json| println!("{}", v.to_json());
+    let load = |set: SetArgs| async move { SketchSet::load(&set.sketches, set.max_retries).await };
+    match cmd {
+        SketchCommand::Fit(a) => {
+            let cfg = ferry::sketch::fit::FitConfig {
+                model: a.model,
+                input: a.input,
+                output: a.output,
+                limit: a.limit,
+                settings: ferry::sketch::profile::FitSettings {
+                    d: a.dim,
+                    seed: a.seed,
+                    top_classes: a.top_classes,
+                    ..Default::default()
+                },
+                backend: a.backend,
+                threads: JobConfig::default().threads,
+                batch: a.max_batch_size,
+                max_retries: 10,
+            };
+            let out = ferry::sketch::fit::run(cfg).await?;
+            for (key, reason) in &out.skipped {
+                eprintln!("skipped: {key}: {reason}");
+            }
+            eprintln!(
+                "fitted on {} records ({} skipped): d = {}, {} modules; wrote {}",
+                out.profile.calibration_records,
+                out.skipped.len(),
+                out.profile.d,
+                out.profile.modules.len(),
+                out.path.display()
+            );
+        }
+        SketchCommand::Similar(a) => {
+            let q = Queries::new(load(a.set).await?)?;
+            for s in q.similar(&a.to, a.record, a.k)? {
+                json(&s);
+            }
+        }
+        SketchCommand::Count(a) => {
+            let q = Queries::new(load(a.set).await?)?;
+            let s = q.class_stats(&a.module, &a.prefix)?;
+            println!("{:.1}", s.count);
+        }
+        SketchCommand::Stats(a) => {
+            let q = Queries::new(load(a.set).await?)?;
+            json(&q.class_stats(&a.module, &a.prefix)?);
+        }
+        SketchCommand::Decode(a) => {
+            let q = Queries::new(load(a.set).await?)?;
+            let objects = q.decode(&a.key, a.record)?;
+            json(&serde_json::json!({ "key": a.key, "objects": objects }));
+        }
+        SketchCommand::Erase(a) => {
+            let max_retries = a.set.max_retries;
+            let set = load(a.set).await?;
+            let n = erase(&set, a.keep, &a.output, max_retries).await?;
+            eprintln!("wrote {n} files keeping {} of {} coordinates to {}", a.keep, set.profile.d, a.output);
+        }
+    }
+    Ok(())
+}
+
+mod erased {
+    /// Anything printable as one JSON line.
+    pub(crate) trait Json {
+        fn to_json(&self) -> String;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> String {
+            serde_json::to_string(self).expect("query results serialise")
         }
     }
 }

@@ -15,6 +15,9 @@
 //! ever visible. A permit per object, taken before its GET and given back after its PUT, bounds
 //! memory.
 //!
+//! With `--sketch`, each object's sketches (one per record, from the same forward pass) are
+//! written as one Parquet file just before its `.out`, so a finished object always has both.
+//!
 //! Resume needs no journal: outputs are deterministic (the runtime's results do not depend on how
 //! records are batched), so an object whose `.out` exists is finished, and a rerun skips it.
 
@@ -38,6 +41,9 @@ use crate::encode::{Encoder, RecordOutputs};
 use crate::image::{ImageDecoder, ImagePlan, PlanError};
 use crate::model::{ModelDir, ModelError};
 use crate::progress::{Progress, ProgressMode};
+use crate::sketch::profile::PROFILE_FILE;
+use crate::sketch::store::{profile_key, write_parquet, SketchRow};
+use crate::sketch::SketchProfile;
 use crate::store::{Location, StoreError};
 
 /// What to do with a record that fails.
@@ -90,6 +96,10 @@ pub struct JobConfig {
     pub progress: ProgressMode,
     /// Retries of a failed request to a remote store.
     pub max_retries: usize,
+    /// Where to write a sketch per record (one Parquet file per object); none when absent.
+    pub sketch: Option<String>,
+    /// The sketch profile; `<model>/sketch_profile.json` when absent.
+    pub sketch_profile: Option<PathBuf>,
 }
 
 impl Default for JobConfig {
@@ -114,6 +124,8 @@ impl Default for JobConfig {
             report: None,
             progress: ProgressMode::Auto,
             max_retries: 10,
+            sketch: None,
+            sketch_profile: None,
         }
     }
 }
@@ -178,6 +190,8 @@ pub struct StageSeconds {
     pub infer: f64,
     /// Building `.out` bodies.
     pub encode: f64,
+    /// Building sketches and their Parquet files.
+    pub sketch: f64,
     /// PUTs.
     pub write: f64,
 }
@@ -232,6 +246,7 @@ struct Stats {
     decode_ns: AtomicU64,
     infer_ns: AtomicU64,
     encode_ns: AtomicU64,
+    sketch_ns: AtomicU64,
     write_ns: AtomicU64,
     batches: AtomicU64,
     batch_items: AtomicU64,
@@ -252,6 +267,9 @@ impl Stats {
 struct Item {
     key: Path,
     out_key: Path,
+    /// The key relative to the input prefix, as sketch rows name it.
+    relative: String,
+    sketch_key: Option<Path>,
 }
 
 struct DecodeJob {
@@ -279,6 +297,43 @@ struct Prepared {
     instances: Vec<Box<dyn Backend>>,
     plan: ImagePlan,
     encoder: Encoder,
+    sketch: Option<SketchWriter>,
+}
+
+/// Turns an object's records into its sketch file.
+#[derive(Debug)]
+struct SketchWriter {
+    profile: SketchProfile,
+    sketcher: ferry_sketch::Sketcher,
+    features: usize,
+    scores: usize,
+}
+
+impl SketchWriter {
+    /// Parquet bytes for one object. Runs after encoding, which has applied the softmax.
+    fn file(&self, key: &str, records: &[Result<RecordOutputs, String>]) -> Result<Vec<u8>, String> {
+        let mut dags = Vec::new();
+        let mut indices = Vec::new();
+        for (i, r) in records.iter().enumerate() {
+            if let Ok(outputs) = r {
+                dags.push(self.profile.dag(&outputs[self.features].1, &outputs[self.scores].1));
+                indices.push(i as i64);
+            }
+        }
+        let sketches = self.sketcher.sketch_batch(&dags).map_err(|e| format!("sketch: {e}"))?;
+        let rows: Vec<SketchRow> = sketches
+            .into_iter()
+            .zip(indices)
+            .map(|(s, record)| SketchRow {
+                key: key.to_string(),
+                record,
+                sketch: s.data,
+                seed: self.profile.seed,
+                d: self.profile.d,
+            })
+            .collect();
+        write_parquet(&rows, &self.profile).map_err(|e| format!("sketch file: {e}"))
+    }
 }
 
 fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
@@ -292,11 +347,44 @@ fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
     shape.extend(plan.item_shape());
     ferry_backend::check_input(info, &shape)?;
     let output_names: Vec<String> = info.outputs.iter().map(|o| o.name.clone()).collect();
+    let position = |name: &str| {
+        output_names.iter().position(|n| n == name).ok_or_else(|| {
+            JobError::Config(format!("output {name:?} is named but the model has only {output_names:?}"))
+        })
+    };
     let score_output = match &dir.output.name {
-        Some(name) => output_names.iter().position(|n| n == name).ok_or_else(|| {
-            JobError::Config(format!("ferry.toml names output {name:?}, the model has {output_names:?}"))
-        })?,
+        Some(name) => position(name)?,
         None => 0,
+    };
+    let features = dir.output.features.as_deref().map(position).transpose()?;
+    let sketch = match &cfg.sketch {
+        None => None,
+        Some(_) => {
+            let path = match (&cfg.sketch_profile, &dir.dir) {
+                (Some(p), _) => p.clone(),
+                (None, Some(d)) => d.join(PROFILE_FILE),
+                (None, None) => {
+                    return Err(JobError::Config("--sketch with a bare .onnx file needs --sketch-profile".into()))
+                }
+            };
+            let text = std::fs::read(&path).map_err(|e| {
+                JobError::Config(format!(
+                    "no sketch profile at {} ({e}); fit one with `ferry sketch fit --model {} --input <calibration images>`",
+                    path.display(),
+                    cfg.model.display()
+                ))
+            })?;
+            let profile: SketchProfile =
+                serde_json::from_slice(&text).map_err(|e| JobError::Config(format!("{}: {e}", path.display())))?;
+            profile.validate().map_err(|e| JobError::Config(format!("{}: {e}", path.display())))?;
+            let sketcher = profile.sketcher().map_err(|e| JobError::Config(format!("{}: {e}", path.display())))?;
+            Some(SketchWriter {
+                features: position(&profile.features_output)?,
+                scores: position(&profile.scores_output)?,
+                profile,
+                sketcher,
+            })
+        }
     };
     let encoder = Encoder {
         output_names,
@@ -304,6 +392,7 @@ fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
         softmax: dir.output.softmax,
         top_k: cfg.top_k,
         labels: dir.labels.clone(),
+        hidden: features.into_iter().collect(),
     };
     // One instance per model thread, created side by side now, so a model that loads but cannot
     // be instantiated stops the job with one message before any object is read.
@@ -314,7 +403,7 @@ fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
             .map(|h| h.join().expect("creating a model instance panicked"))
             .collect::<Result<Vec<_>, _>>()
     })?;
-    Ok(Prepared { runtime: model.runtime(), instances, plan, encoder })
+    Ok(Prepared { runtime: model.runtime(), instances, plan, encoder, sketch })
 }
 
 async fn list(location: &Location) -> Result<Vec<ObjectMeta>, JobError> {
@@ -360,6 +449,17 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
     };
     let input = Location::open(&cfg.input, false, cfg.max_retries)?;
     let output = Location::open(&cfg.output, true, cfg.max_retries)?;
+    let sketches = match &cfg.sketch {
+        Some(url) => Some(Location::open(url, true, cfg.max_retries)?),
+        None => None,
+    };
+    if let (Some(set), Some(w)) = (&sketches, &prepared.sketch) {
+        let body = serde_json::to_vec_pretty(&w.profile).expect("the profile serialises");
+        set.store
+            .put(&profile_key(set), body.into())
+            .await
+            .map_err(|e| JobError::Config(format!("writing the sketch profile to {}: {e}", set.url)))?;
+    }
     let runtime = prepared.runtime.clone();
     tracing::info!(model = %cfg.model.display(), %runtime, input = %input.url, output = %output.url, "starting transform");
 
@@ -370,6 +470,7 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
     let list_seconds = list_started.elapsed().as_secs_f64();
     objects.sort_by(|a, b| a.location.cmp(&b.location));
     let exclude = nested_output(&cfg.input, &cfg.output);
+    let exclude_sketches = cfg.sketch.as_deref().and_then(|s| nested_output(&cfg.input, s));
 
     let mut failures = Vec::new();
     let mut items = Vec::new();
@@ -377,19 +478,19 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
     let mut objects_total = 0;
     for meta in objects {
         let parts = input.relative(&meta.location).unwrap_or_default();
-        let ours = match exclude.as_deref() {
-            None => false,
-            // Outputs next to their inputs: ours are the .out objects and the report.
-            Some([]) => parts.last().is_some_and(|p| p.ends_with(".out")) || parts.iter().any(|p| p == "_ferry"),
-            Some(ex) => parts.len() >= ex.len() && parts.iter().zip(ex).all(|(a, b)| a == b),
-        };
-        if ours {
+        if ours(&parts, exclude.as_deref(), ".out") || ours(&parts, exclude_sketches.as_deref(), ".parquet") {
             continue;
         }
         objects_total += 1;
-        match output.child(&parts, ".out") {
-            Ok(out_key) if done.contains(&out_key) => skipped += 1,
-            Ok(out_key) => items.push(Item { key: meta.location, out_key }),
+        let keys = output.child(&parts, ".out").and_then(|out_key| match &sketches {
+            Some(set) => set.child(&parts, ".parquet").map(|k| (out_key, Some(k))),
+            None => Ok((out_key, None)),
+        });
+        match keys {
+            Ok((out_key, _)) if done.contains(&out_key) => skipped += 1,
+            Ok((out_key, sketch_key)) => {
+                items.push(Item { key: meta.location, out_key, relative: parts.join("/"), sketch_key })
+            }
             Err(reason) => failures.push(Failure { object: meta.location.to_string(), record: None, reason }),
         }
     }
@@ -434,12 +535,23 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
             decode: Stats::secs(&stats.decode_ns),
             infer: Stats::secs(&stats.infer_ns),
             encode: Stats::secs(&stats.encode_ns),
+            sketch: Stats::secs(&stats.sketch_ns),
             write: Stats::secs(&stats.write_ns),
         },
         failures,
     };
     write_report(&cfg, &output, &report).await?;
     Ok(report)
+}
+
+/// Whether an object under the input prefix is one a job wrote: its outputs live under `exclude`
+/// (relative to the input prefix), or next to the inputs when `exclude` is empty.
+fn ours(parts: &[String], exclude: Option<&[String]>, suffix: &str) -> bool {
+    match exclude {
+        None => false,
+        Some([]) => parts.last().is_some_and(|p| p.ends_with(suffix)) || parts.iter().any(|p| p == "_ferry"),
+        Some(ex) => parts.len() >= ex.len() && parts.iter().zip(ex).all(|(a, b)| a == b),
+    }
 }
 
 async fn write_report(cfg: &JobConfig, output: &Location, report: &JobReport) -> Result<(), JobError> {
@@ -482,8 +594,14 @@ async fn run_pipeline(
     stats: Arc<Stats>,
     skipped: usize,
 ) -> PipelineOutcome {
-    let Prepared { runtime: _, instances, plan, encoder } = prepared;
+    let Prepared { runtime: _, instances, plan, encoder, sketch } = prepared;
     let encoder = Arc::new(encoder);
+    let sketch = sketch.map(Arc::new);
+    let sketch_store = cfg.sketch.as_ref().map(|_| {
+        Location::open(cfg.sketch.as_deref().expect("checked"), true, cfg.max_retries)
+            .expect("the sketch location opened once already")
+            .store
+    });
     let item_shape = plan.item_shape();
     let (decode_tx, decode_rx) = async_channel::bounded::<DecodeJob>(cfg.decode_threads * 4);
     let (infer_tx, infer_rx) = crossbeam_channel::bounded::<Decoded>(cfg.threads * cfg.max_batch_size * 2);
@@ -619,18 +737,40 @@ async fn run_pipeline(
                     stats.clone(),
                     writer_tx.clone(),
                 );
+                let sketch_job = match (&sketch, &sketch_store, &items[id].sketch_key) {
+                    (Some(w), Some(s), Some(k)) => Some((w.clone(), s.clone(), k.clone(), items[id].relative.clone())),
+                    _ => None,
+                };
                 let part_size = cfg.part_size;
                 let permit = p.permit;
                 writing += 1;
                 tokio::spawn(async move {
                     let t = Instant::now();
-                    let body = tokio::task::spawn_blocking(move || encoder.body(&mut records))
-                        .await
-                        .expect("encoding panicked");
-                    Stats::add(&stats.encode_ns, t);
+                    let stats2 = stats.clone();
+                    let (body, sketch_file) = tokio::task::spawn_blocking(move || {
+                        let body = encoder.body(&mut records);
+                        Stats::add(&stats2.encode_ns, t);
+                        let t = Instant::now();
+                        let file = sketch_job.map(|(w, store, key, rel)| (w.file(&rel, &records), store, key));
+                        Stats::add(&stats2.sketch_ns, t);
+                        (body, file)
+                    })
+                    .await
+                    .expect("encoding panicked");
                     let t = Instant::now();
-                    let len = body.len() as u64;
-                    let outcome = write_object(store, key, body, part_size).await;
+                    let mut len = body.len() as u64;
+                    let outcome = match sketch_file {
+                        None => Ok(()),
+                        Some((Err(e), _, _)) => Err(e),
+                        Some((Ok(bytes), store, key)) => {
+                            len += bytes.len() as u64;
+                            write_object(store, key, bytes, part_size).await
+                        }
+                    };
+                    let outcome = match outcome {
+                        Ok(()) => write_object(store, key, body, part_size).await,
+                        Err(e) => Err(e),
+                    };
                     Stats::add(&stats.write_ns, t);
                     if outcome.is_ok() {
                         stats.bytes_written.fetch_add(len, Ordering::Relaxed);

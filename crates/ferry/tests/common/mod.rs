@@ -90,3 +90,42 @@ pub fn make_dataset(dir: &Path, n: usize) {
 pub fn top_label(out: &Path) -> String {
     json(out)["predictions"][0]["labels"][0].as_str().unwrap().to_string()
 }
+
+/// `per_source` JPEG variants of each shipped photo in `dir/<photo>/<photo>_NNN.jpg`: random
+/// crops of 55–100% of each side, flips, brightness changes and qualities 55–95.
+pub fn make_variants(dir: &Path, per_source: usize) {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move |n: u32| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as u32
+    };
+    for file in ["chelsea.jpg", "coffee.png", "astronaut.png", "rocket.jpg"] {
+        let src = image::open(examples().join(file)).unwrap().into_rgb8();
+        let name = file.split('.').next().unwrap();
+        let sub = dir.join(name);
+        std::fs::create_dir_all(&sub).unwrap();
+        let (w, h) = src.dimensions();
+        for v in 0..per_source {
+            let (cw, ch) = (w * (55 + next(46)) / 100, h * (55 + next(46)) / 100);
+            let (x, y) = (next(w - cw + 1), next(h - ch + 1));
+            let mut img = image::imageops::crop_imm(&src, x, y, cw, ch).to_image();
+            if next(2) == 1 {
+                img = image::imageops::flip_horizontal(&img);
+            }
+            img = image::imageops::brighten(&img, next(41) as i32 - 20);
+            let mut bytes = Vec::new();
+            let quality = 55 + next(41) as u8;
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, quality).encode_image(&img).unwrap();
+            std::fs::write(sub.join(format!("{name}_{v:03}.jpg")), bytes).unwrap();
+        }
+    }
+}
+
+/// Runs `ferry sketch <args>`; panics with its stderr unless it succeeds, returns stdout.
+pub fn sketch(args: &[&str]) -> String {
+    let out = ferry().arg("sketch").args(args).output().unwrap();
+    assert!(out.status.success(), "ferry sketch {}: {}", args.join(" "), stderr(&out));
+    String::from_utf8(out.stdout).unwrap()
+}

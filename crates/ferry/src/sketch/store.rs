@@ -1,0 +1,235 @@
+//! Sketch sets on disk: Parquet files plus the profile that reads them.
+//!
+//! A set is a prefix holding one `<key>.parquet` per input object (rows: object key, record
+//! index, sketch vector, seed, d) and `_ferry/sketch_profile.json`. One file per object mirrors
+//! the `.out` files: each is written by one atomic put before its `.out`, so a finished object
+//! always has its sketch and a rerun needs no extra bookkeeping. The vector is a Parquet
+//! `LIST<FLOAT>`, which DuckDB (`read_parquet('set/**/*.parquet')`), Polars and pandas read as
+//! a list column; an erased set simply has shorter lists.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::ObjectStoreExt;
+use parquet::basic::Compression;
+use parquet::data_type::{ByteArray, ByteArrayType, FloatType, Int32Type, Int64Type};
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::WriterProperties;
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::file::writer::SerializedFileWriter;
+use parquet::record::{ListAccessor, RowAccessor};
+use parquet::schema::parser::parse_message_type;
+
+use super::profile::{SketchProfile, PROFILE_FILE};
+use crate::store::Location;
+
+const SCHEMA: &str = "
+message ferry_sketch {
+  required binary key (STRING);
+  required int64 record;
+  required group sketch (LIST) {
+    repeated group list {
+      required float element;
+    }
+  }
+  required int64 seed;
+  required int32 d;
+}";
+
+/// One record's sketch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SketchRow {
+    /// Input object key, relative to the job's input prefix.
+    pub key: String,
+    /// Record index inside the object.
+    pub record: i64,
+    /// The kept coordinates (all `d` of them unless the set was erased).
+    pub sketch: Vec<f32>,
+    /// The matrix seed.
+    pub seed: u64,
+    /// The full dimension.
+    pub d: usize,
+}
+
+/// One object's rows as a Parquet file.
+pub fn write_parquet(rows: &[SketchRow], profile: &SketchProfile) -> Result<Vec<u8>, String> {
+    let schema = Arc::new(parse_message_type(SCHEMA).expect("the sketch schema parses"));
+    let meta = serde_json::json!({
+        "format": profile.format,
+        "recipe": profile.recipe,
+        "d": profile.d,
+        "seed": profile.seed,
+        "modules": profile.modules.len(),
+        "profile": format!("_ferry/{PROFILE_FILE}"),
+    });
+    let props = WriterProperties::builder()
+        .set_compression(Compression::UNCOMPRESSED)
+        .set_key_value_metadata(Some(vec![KeyValue::new("ferry.sketch".to_string(), meta.to_string())]))
+        .build();
+    let mut out = Vec::new();
+    let err = |e: parquet::errors::ParquetError| e.to_string();
+    let mut writer = SerializedFileWriter::new(&mut out, schema, Arc::new(props)).map_err(err)?;
+    let mut group = writer.next_row_group().map_err(err)?;
+    let mut column = 0;
+    while let Some(mut col) = group.next_column().map_err(err)? {
+        match column {
+            0 => {
+                let keys: Vec<ByteArray> = rows.iter().map(|r| ByteArray::from(r.key.as_str())).collect();
+                col.typed::<ByteArrayType>().write_batch(&keys, None, None).map_err(err)?;
+            }
+            1 => {
+                let v: Vec<i64> = rows.iter().map(|r| r.record).collect();
+                col.typed::<Int64Type>().write_batch(&v, None, None).map_err(err)?;
+            }
+            2 => {
+                let mut values = Vec::new();
+                let (mut def, mut rep) = (Vec::new(), Vec::new());
+                for r in rows {
+                    if r.sketch.is_empty() {
+                        return Err(format!("{} record {}: empty sketch", r.key, r.record));
+                    }
+                    values.extend_from_slice(&r.sketch);
+                    def.extend(std::iter::repeat_n(1i16, r.sketch.len()));
+                    rep.push(0i16);
+                    rep.extend(std::iter::repeat_n(1i16, r.sketch.len() - 1));
+                }
+                col.typed::<FloatType>().write_batch(&values, Some(&def), Some(&rep)).map_err(err)?;
+            }
+            3 => {
+                let v: Vec<i64> = rows.iter().map(|r| r.seed as i64).collect();
+                col.typed::<Int64Type>().write_batch(&v, None, None).map_err(err)?;
+            }
+            _ => {
+                let v: Vec<i32> = rows.iter().map(|r| r.d as i32).collect();
+                col.typed::<Int32Type>().write_batch(&v, None, None).map_err(err)?;
+            }
+        }
+        col.close().map_err(err)?;
+        column += 1;
+    }
+    group.close().map_err(err)?;
+    writer.close().map_err(err)?;
+    Ok(out)
+}
+
+/// The rows of one sketch file.
+pub fn read_parquet(bytes: Bytes) -> Result<Vec<SketchRow>, String> {
+    let reader = SerializedFileReader::new(bytes).map_err(|e| e.to_string())?;
+    let mut rows = Vec::new();
+    for row in reader.get_row_iter(None).map_err(|e| e.to_string())? {
+        let row = row.map_err(|e| e.to_string())?;
+        let err = |what: &str, e: parquet::errors::ParquetError| format!("column {what}: {e}");
+        let list = row.get_list(2).map_err(|e| err("sketch", e))?;
+        let sketch = (0..list.len())
+            .map(|i| list.get_float(i))
+            .collect::<Result<Vec<f32>, _>>()
+            .map_err(|e| err("sketch", e))?;
+        rows.push(SketchRow {
+            key: row.get_string(0).map_err(|e| err("key", e))?.clone(),
+            record: row.get_long(1).map_err(|e| err("record", e))?,
+            sketch,
+            seed: row.get_long(3).map_err(|e| err("seed", e))? as u64,
+            d: row.get_int(4).map_err(|e| err("d", e))? as usize,
+        });
+    }
+    Ok(rows)
+}
+
+/// The key of a set's profile.
+pub fn profile_key(set: &Location) -> Path {
+    set.prefix.clone().join("_ferry").join(PROFILE_FILE)
+}
+
+/// A loaded sketch set.
+#[derive(Debug, Clone)]
+pub struct SketchSet {
+    /// How the sketches were made.
+    pub profile: SketchProfile,
+    /// Every record's sketch, ordered by key and record.
+    pub rows: Vec<SketchRow>,
+}
+
+impl SketchSet {
+    /// Reads every `.parquet` under a set's prefix and its profile.
+    pub async fn load(url: &str, max_retries: usize) -> Result<SketchSet, String> {
+        let set = Location::open(url, false, max_retries).map_err(|e| e.to_string())?;
+        let pkey = profile_key(&set);
+        let text = set
+            .store
+            .get(&pkey)
+            .await
+            .map_err(|e| format!("{url}: no sketch profile at {pkey} ({e}); is this a sketch set?"))?
+            .bytes()
+            .await
+            .map_err(|e| format!("{pkey}: {e}"))?;
+        let profile: SketchProfile = serde_json::from_slice(&text).map_err(|e| format!("{pkey}: {e}"))?;
+        profile.validate().map_err(|e| format!("{pkey}: {e}"))?;
+        let metas: Vec<_> =
+            set.store.list(Some(&set.prefix)).try_collect().await.map_err(|e| format!("listing {url}: {e}"))?;
+        let keys: Vec<Path> =
+            metas.into_iter().map(|m| m.location).filter(|p| p.as_ref().ends_with(".parquet")).collect();
+        let store = set.store.clone();
+        let mut rows: Vec<SketchRow> = futures::stream::iter(keys)
+            .map(|key| {
+                let store = store.clone();
+                async move {
+                    let bytes = store
+                        .get(&key)
+                        .await
+                        .map_err(|e| format!("{key}: {e}"))?
+                        .bytes()
+                        .await
+                        .map_err(|e| format!("{key}: {e}"))?;
+                    read_parquet(bytes).map_err(|e| format!("{key}: {e}"))
+                }
+            })
+            .buffer_unordered(32)
+            .try_concat()
+            .await?;
+        rows.sort_by(|a, b| a.key.cmp(&b.key).then(a.record.cmp(&b.record)));
+        if let Some(r) = rows.iter().find(|r| r.d != profile.d || r.seed != profile.seed) {
+            return Err(format!(
+                "{} record {} was made with d = {}, seed = {}; the set's profile says d = {}, seed = {}",
+                r.key, r.record, r.d, r.seed, profile.d, profile.seed
+            ));
+        }
+        Ok(SketchSet { profile, rows })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_round_trip_through_parquet() {
+        let profile = SketchProfile {
+            format: 1,
+            recipe: "classifier".into(),
+            d: 4,
+            seed: 9,
+            c: 1.0,
+            features_output: "f".into(),
+            scores_output: "s".into(),
+            top_classes: 1,
+            image_dim: 1,
+            class_dim: 2,
+            score_scale: 0.7,
+            pca_mean: vec![0.0],
+            pca_components: vec![vec![1.0]],
+            pca_variances: vec![1.0],
+            image_norm: 1.0,
+            class_norm: 1.0,
+            modules: vec!["image".into(), "a".into()],
+            calibration_records: 1,
+        };
+        let rows = vec![
+            SketchRow { key: "a/b.jpg".into(), record: 0, sketch: vec![1.0, -2.5, 3.0, 0.0], seed: 9, d: 4 },
+            SketchRow { key: "a/b.jpg".into(), record: 1, sketch: vec![0.5, 0.25], seed: 9, d: 4 },
+        ];
+        let bytes = write_parquet(&rows, &profile).unwrap();
+        assert_eq!(read_parquet(Bytes::from(bytes)).unwrap(), rows);
+    }
+}

@@ -1,0 +1,254 @@
+//! Sketches end to end: fit a profile, write sketches during a real transform of photo variants,
+//! and answer questions from the sketch set alone.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+const PER_SOURCE: usize = 50;
+
+/// Top-1 label and probability of every input, from the job's own `.out` files.
+fn predictions(out: &Path) -> BTreeMap<String, (String, f64)> {
+    files(out)
+        .into_iter()
+        .filter_map(|f| f.strip_suffix(".out").map(|k| (k.to_string(), f.clone())))
+        .map(|(key, f)| {
+            let v = json(&out.join(&f));
+            let p = &v["predictions"][0];
+            (key, (p["labels"][0].as_str().unwrap().to_string(), p["probabilities"][0].as_f64().unwrap()))
+        })
+        .collect()
+}
+
+fn source(key: &str) -> &str {
+    key.split('/').next().unwrap()
+}
+
+fn similar(set: &Path, key: &str, k: usize) -> Vec<(String, f64)> {
+    sketch(&["similar", "--sketches", set.to_str().unwrap(), "--to", key, "-k", &k.to_string()])
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["key"].as_str().unwrap().to_string(), v["cosine"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+fn count(set: &Path, module: &str) -> f64 {
+    sketch(&["count", "--sketches", set.to_str().unwrap(), "--module", module]).trim().parse().unwrap()
+}
+
+#[test]
+fn sketches_answer_similarity_and_counts_without_the_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    make_variants(&images, PER_SOURCE);
+    let profile = tmp.path().join("profile.json");
+    let model = mobilenet();
+    let model = model.to_str().unwrap();
+    // Calibrate on a subset, as a user would on a sample of their data.
+    let out = ferry()
+        .args(["sketch", "fit", "--model", model, "--input", images.to_str().unwrap(), "--limit", "120"])
+        .args(["--output", profile.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let p = json(&profile);
+    assert_eq!(p["calibration_records"], 120);
+    assert_eq!(p["modules"].as_array().unwrap().len(), 1001);
+
+    let (outputs, set) = (tmp.path().join("out"), tmp.path().join("sketches"));
+    let run = transform(&[
+        "--model",
+        model,
+        "--input",
+        images.to_str().unwrap(),
+        "--output",
+        outputs.to_str().unwrap(),
+        "--top-k",
+        "1",
+        "--sketch",
+        set.to_str().unwrap(),
+        "--sketch-profile",
+        profile.to_str().unwrap(),
+    ]);
+    assert!(run.status.success());
+    let preds = predictions(&outputs);
+    assert_eq!(preds.len(), 4 * PER_SOURCE);
+    // One Parquet file per object, and the profile that reads them.
+    let written = files(&set);
+    assert_eq!(written.iter().filter(|f| f.ends_with(".jpg.parquet")).count(), 4 * PER_SOURCE);
+    assert!(written.contains(&"_ferry/sketch_profile.json".to_string()));
+    // The features output feeds the sketch and stays out of the predictions.
+    let first = json(&outputs.join(format!("{}.out", preds.keys().next().unwrap())));
+    assert!(first["predictions"][0].get("features").is_none());
+    let report = json(&outputs.join("_ferry/report.json"));
+    assert!(report["stage_seconds"]["sketch"].as_f64().unwrap() > 0.0);
+
+    // Similarity: an image's own variants come first.
+    for key in
+        ["chelsea/chelsea_003.jpg", "coffee/coffee_010.jpg", "astronaut/astronaut_020.jpg", "rocket/rocket_030.jpg"]
+    {
+        let hits = similar(&set, key, 10);
+        assert_eq!(hits.len(), 10);
+        assert!(hits.iter().all(|(k, _)| source(k) == source(key)), "{key}: {hits:?}");
+        assert!(hits.windows(2).all(|w| w[0].1 >= w[1].1));
+    }
+
+    // Counts: every class predicted for at least 20 images, within 10% of the predictions.
+    let mut by_class: BTreeMap<&str, usize> = BTreeMap::new();
+    for (label, _) in preds.values() {
+        *by_class.entry(label.as_str()).or_default() += 1;
+    }
+    let frequent: Vec<(&str, usize)> = by_class.iter().filter(|(_, n)| **n >= 20).map(|(l, n)| (*l, *n)).collect();
+    assert!(frequent.len() >= 2, "classes predicted: {by_class:?}");
+    for &(label, n) in &frequent {
+        let c = count(&set, label);
+        assert!((c - n as f64).abs() <= 0.1 * n as f64, "{label}: sketch count {c}, predicted {n}");
+    }
+    let absent = "goldfish";
+    assert!(!by_class.contains_key(absent));
+    assert!(count(&set, absent).abs() < 1.0);
+
+    // Statistics of a subset: the mean top-1 probability of the most frequent class under its prefix.
+    let (label, _) = frequent.iter().max_by_key(|(_, n)| *n).unwrap();
+    let prefix = preds.iter().find(|(_, (l, _))| l == label).map(|(k, _)| source(k).to_string()).unwrap();
+    let probs: Vec<f64> =
+        preds.iter().filter(|(k, (l, _))| l == label && k.starts_with(&prefix)).map(|(_, (_, p))| *p).collect();
+    let stats: serde_json::Value = serde_json::from_str(&sketch(&[
+        "stats",
+        "--sketches",
+        set.to_str().unwrap(),
+        "--module",
+        label,
+        "--prefix",
+        &prefix,
+    ]))
+    .unwrap();
+    assert_eq!(stats["records"], PER_SOURCE);
+    let n = probs.len() as f64;
+    assert!((stats["count"].as_f64().unwrap() - n).abs() <= 0.1 * n, "{stats}");
+    let mean = probs.iter().sum::<f64>() / n;
+    assert!((stats["mean_score"].as_f64().unwrap() - mean).abs() < 0.05, "{stats} vs mean probability {mean}");
+
+    // Decoding one record recovers the image and its top class with its score.
+    let (key, (label, prob)) = preds.iter().nth(7).unwrap();
+    let tree: serde_json::Value =
+        serde_json::from_str(&sketch(&["decode", "--sketches", set.to_str().unwrap(), key])).unwrap();
+    let objects = tree["objects"].as_array().unwrap();
+    assert_eq!(objects[0]["module"], "image");
+    let top = objects.iter().find(|o| o["path"] == serde_json::json!([0])).expect("a top class");
+    assert_eq!(top["module"].as_str().unwrap(), label);
+    assert!((top["score"].as_f64().unwrap() - prob).abs() < 0.1, "{top} vs {prob}");
+
+    // Erasure: a quarter of the coordinates still answers, less precisely.
+    let small = tmp.path().join("small");
+    let out = ferry()
+        .args([
+            "sketch",
+            "erase",
+            "--sketches",
+            set.to_str().unwrap(),
+            "--keep",
+            "256",
+            "--output",
+            small.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    for &(label, n) in &frequent {
+        let c = count(&small, label);
+        assert!((c - n as f64).abs() <= 0.2 * n as f64, "{label} after erasure: {c} vs {n}");
+    }
+    let hits = similar(&small, "coffee/coffee_010.jpg", 5);
+    assert!(hits.iter().all(|(k, _)| source(k) == "coffee"), "{hits:?}");
+
+    // Parquet as other tools read it: pyarrow (pandas' Parquet engine) sees the columns and the
+    // full-length vectors.
+    let script = "import pyarrow.parquet as pq, sys\n\
+         t = pq.read_table(sys.argv[1])\n\
+         assert t.column_names == ['key', 'record', 'sketch', 'seed', 'd'], t.column_names\n\
+         assert t.num_rows == 1, t.num_rows\n\
+         assert t.column('key')[0].as_py() == sys.argv[2], t.column('key')[0]\n\
+         assert len(t.column('sketch')[0].as_py()) == t.column('d')[0].as_py() == 1024\n\
+         print('ok')";
+    let file = set.join(format!("{key}.parquet"));
+    let py = Command::new("python3").args(["-c", script, file.to_str().unwrap(), key]).output().unwrap();
+    assert!(py.status.success(), "pyarrow: {}", String::from_utf8_lossy(&py.stderr));
+
+    // Sketches do not depend on batching: a second run at another batch size writes the same vectors.
+    let (outputs2, set2) = (tmp.path().join("out2"), tmp.path().join("sketches2"));
+    let run = transform(&[
+        "--model",
+        model,
+        "--input",
+        images.join("rocket").to_str().unwrap(),
+        "--output",
+        outputs2.to_str().unwrap(),
+        "--top-k",
+        "1",
+        "--sketch",
+        set2.to_str().unwrap(),
+        "--sketch-profile",
+        profile.to_str().unwrap(),
+        "--max-batch-size",
+        "3",
+    ]);
+    assert!(run.status.success());
+    for v in [0, 17, 49] {
+        let f = format!("rocket_{v:03}.jpg.parquet");
+        let a = std::fs::read(set.join("rocket").join(&f)).unwrap();
+        let b = std::fs::read(set2.join(&f)).unwrap();
+        // Keys differ (the second job's input prefix is one level down), vectors must not.
+        let vec_of = |bytes: Vec<u8>| {
+            let py = Command::new("python3")
+                .args([
+                    "-c",
+                    "import pyarrow.parquet as pq, sys; print(pq.read_table(sys.argv[1]).column('sketch')[0].as_py())",
+                ])
+                .arg({
+                    let p = tmp.path().join("tmp.parquet");
+                    std::fs::write(&p, bytes).unwrap();
+                    p
+                })
+                .output()
+                .unwrap();
+            String::from_utf8(py.stdout).unwrap()
+        };
+        assert_eq!(vec_of(a), vec_of(b), "{f}");
+    }
+}
+
+#[test]
+fn a_sketch_job_without_a_profile_is_one_clear_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = mobilenet();
+    let out = transform(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        examples().to_str().unwrap(),
+        "--output",
+        tmp.path().join("out").to_str().unwrap(),
+        "--sketch",
+        tmp.path().join("sk").to_str().unwrap(),
+        "--sketch-profile",
+        tmp.path().join("missing.json").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("no sketch profile") && err.contains("ferry sketch fit"), "{err}");
+    assert!(!tmp.path().join("out").join("chelsea.jpg.out").exists());
+
+    let out = ferry()
+        .args(["sketch", "count", "--sketches", tmp.path().to_str().unwrap(), "--module", "espresso"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("is this a sketch set?"), "{}", stderr(&out));
+}
