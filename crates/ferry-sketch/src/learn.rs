@@ -4,8 +4,10 @@
 //! attributes) and output (its own attributes), so a module is learned by plain regression
 //! ([`linear_map`]). With the matrices unknown, the presence vectors are the atoms of a sparse
 //! dictionary behind the sketches; [`learn_dictionary`] recovers them by over-parameterised MOD
-//! (method of optimal directions with OMP coding): starting with more atoms than modules is what
-//! keeps it from merging two true atoms into one. [`Pca`] fits the module subspaces once the
+//! (method of optimal directions with OMP coding). Plain MOD gets stuck with one atom standing for
+//! two true ones; more atoms than modules, plus moving duplicate and unused atoms to the worst-coded
+//! sample's residual after each iteration, is what splits them again (without the move, one run
+//! in five left two or more true atoms merged). [`Pca`] fits the module subspaces once the
 //! atoms are known, and the attribute projections that turn model features into attributes.
 
 use nalgebra::{DMatrix, DVector, SymmetricEigen};
@@ -97,7 +99,7 @@ pub fn learn_dictionary(samples: &[Vec<f32>], opts: &DictionaryOptions) -> Resul
     }
     normalise(&mut dict, &y, &mut rng);
     let mut codes = Vec::new();
-    for _ in 0..opts.iterations {
+    for it in 0..opts.iterations {
         codes = code_all(&dict, &y, opts.sparsity);
         // MOD update D = Y Zᵀ (Z Zᵀ)⁺, with Z sparse.
         let mut zzt = DMatrix::<f64>::zeros(opts.atoms, opts.atoms);
@@ -113,6 +115,9 @@ pub fn learn_dictionary(samples: &[Vec<f32>], opts: &DictionaryOptions) -> Resul
         let pinv = zzt.pseudo_inverse(1e-10).map_err(|e| Error::Params(e.to_string()))?;
         dict = yzt * pinv;
         normalise(&mut dict, &y, &mut rng);
+        if it + 1 < opts.iterations {
+            replace_wasted(&mut dict, &y, &codes, opts);
+        }
     }
     // Prune: duplicates (keep the more used) and atoms hardly anyone uses.
     let mut usage = vec![0usize; opts.atoms];
@@ -133,6 +138,50 @@ pub fn learn_dictionary(samples: &[Vec<f32>], opts: &DictionaryOptions) -> Resul
         }
     }
     Ok(dict.select_columns(&kept))
+}
+
+/// Spare atoms are what lets MOD split an atom that has merged two true ones: an atom that
+/// duplicates another (|cos| above `duplicate_cosine`) or that almost no sample uses is moved to
+/// the direction the dictionary explains worst, the residual of the worst-coded sample.
+fn replace_wasted(dict: &mut DMatrix<f64>, y: &DMatrix<f64>, codes: &[Vec<(usize, f64)>], opts: &DictionaryOptions) {
+    let atoms = dict.ncols();
+    let mut usage = vec![0usize; atoms];
+    for code in codes {
+        for &(i, _) in code {
+            usage[i] += 1;
+        }
+    }
+    let mut wasted: Vec<usize> = (0..atoms).filter(|&i| usage[i] < opts.min_usage).collect();
+    for i in 0..atoms {
+        for j in i + 1..atoms {
+            if dict.column(i).dot(&dict.column(j)).abs() > opts.duplicate_cosine {
+                let drop = if usage[i] < usage[j] { i } else { j };
+                if !wasted.contains(&drop) {
+                    wasted.push(drop);
+                }
+            }
+        }
+    }
+    if wasted.is_empty() {
+        return;
+    }
+    let mut residuals: Vec<(f64, DVector<f64>)> = codes
+        .iter()
+        .enumerate()
+        .map(|(s, code)| {
+            let mut r = y.column(s).into_owned();
+            for &(i, a) in code {
+                r.axpy(-a, &dict.column(i), 1.0);
+            }
+            (r.norm(), r)
+        })
+        .collect();
+    residuals.sort_by(|a, b| b.0.total_cmp(&a.0));
+    for (atom, (norm, r)) in wasted.into_iter().zip(residuals) {
+        if norm > 1e-9 {
+            dict.set_column(atom, &(r / norm));
+        }
+    }
 }
 
 fn code_all(dict: &DMatrix<f64>, y: &DMatrix<f64>, sparsity: usize) -> Vec<Vec<(usize, f64)>> {
