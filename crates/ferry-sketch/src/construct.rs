@@ -60,13 +60,17 @@ impl Sketcher {
     /// The sketches of many DAGs.
     pub fn sketch_batch(&self, dags: &[Dag]) -> Result<Vec<Sketch>> {
         let d = self.dim();
+        let mut pool = Vec::new();
         dags.iter()
             .map(|dag| {
-                let own = self.node_sketches(dag)?;
                 let mut out = vec![0.0f32; d];
-                for &(id, w) in &dag.top {
-                    crate::vector::axpy(&mut out, w, &own[id]);
-                }
+                self.walk(dag, None, &mut pool, |id, s| {
+                    for &(top, w) in &dag.top {
+                        if top == id {
+                            crate::vector::axpy(&mut out, w, s);
+                        }
+                    }
+                })?;
                 Ok(Sketch { data: out, full_dim: d })
             })
             .collect()
@@ -77,32 +81,65 @@ impl Sketcher {
         if id >= dag.nodes.len() {
             return Err(Error::Dag(format!("node {id} does not exist")));
         }
-        let mut own = self.node_sketches(dag)?;
-        Ok(Sketch { data: std::mem::take(&mut own[id]), full_dim: self.dim() })
+        let mut found = Vec::new();
+        self.walk(dag, Some(id), &mut Vec::new(), |node, s| {
+            if node == id {
+                found = s.to_vec();
+            }
+        })?;
+        Ok(Sketch { data: found, full_dim: self.dim() })
     }
 
-    /// `s(θ)` for every node, children first. Nodes are visited in post order so that a child's
-    /// vector is still in cache when its parent adds it; that locality, not arithmetic, is what
-    /// construction time is made of (an embedding is `d·(k+1)` floats used once each).
-    fn node_sketches(&self, dag: &Dag) -> Result<Vec<Vec<f32>>> {
+    /// Computes `s(θ)` for the nodes of a DAG, children first, handing each finished one to
+    /// `visit`. Nodes are visited in post order so that a child's vector is still in cache when
+    /// its parent adds it, and a vector goes back to `pool` as soon as its last parent has read
+    /// it, so the working set is a few vectors rather than one per node: memory traffic, not
+    /// arithmetic, is what construction time is made of (an embedding is `d·(k+1)` floats, each
+    /// used for one multiply-add). `only`: stop after that node.
+    fn walk(
+        &self,
+        dag: &Dag,
+        only: Option<NodeId>,
+        pool: &mut Vec<Vec<f32>>,
+        mut visit: impl FnMut(NodeId, &[f32]),
+    ) -> Result<()> {
         let d = self.dim();
         let order = self.post_order(dag)?;
+        let mut uses = vec![0u32; dag.nodes.len()];
+        for n in &dag.nodes {
+            for e in &n.children {
+                uses[e.child] += 1;
+            }
+        }
         let c = self.params().c;
-        let mut own: Vec<Vec<f32>> = vec![Vec::new(); dag.nodes.len()];
+        let mut own: Vec<Option<Vec<f32>>> = vec![None; dag.nodes.len()];
         let mut coef = Vec::new();
         for id in order {
             let node = &dag.nodes[id];
-            let mut s = vec![0.0f32; d];
+            let mut s = pool.pop().unwrap_or_else(|| vec![0.0; d]);
             coef.clear();
             coef.push(c);
             coef.extend_from_slice(&node.attr);
-            crate::vector::combine(&mut s, &self.embedding(node.module).cols, &coef);
+            crate::vector::combine_into(&mut s, &self.embedding(node.module).cols, &coef);
             for e in &node.children {
-                self.rotation(node.module, e.slot).apply_add(&own[e.child], e.weight, &mut s);
+                let child = own[e.child].as_deref().expect("children come first in post order");
+                self.rotation(node.module, e.slot).apply_add(child, e.weight, &mut s);
+                uses[e.child] -= 1;
+                if uses[e.child] == 0 {
+                    pool.extend(own[e.child].take());
+                }
             }
-            own[id] = s;
+            visit(id, &s);
+            if only == Some(id) {
+                return Ok(());
+            }
+            if uses[id] == 0 {
+                pool.push(s);
+            } else {
+                own[id] = Some(s);
+            }
         }
-        Ok(own)
+        Ok(())
     }
 
     /// Checks a DAG against the modules and orders its nodes children first.

@@ -8,6 +8,8 @@
 
 use std::borrow::Cow;
 
+use std::sync::Arc;
+
 use nalgebra::{DMatrix, DVector};
 
 use crate::sketch::{Sketch, View};
@@ -52,6 +54,13 @@ impl Default for DecodeOptions {
     fn default() -> Self {
         DecodeOptions { max_depth: 8, max_per_slot: 1, refine: false }
     }
+}
+
+/// A slot waiting to be scored.
+struct Probe {
+    view: View,
+    parent: Option<usize>,
+    path: Vec<u16>,
 }
 
 /// The least-squares estimate of one module's block `[c·Σw ; Σ w·x]`.
@@ -125,12 +134,105 @@ impl Sketcher {
     }
 
     /// The greedy recursive decoder, from any level (a top-level view or an unrolled slot).
+    ///
+    /// Slots are probed level by level, and the first round of module scores of every probe in a
+    /// level is one matrix product: scanning the `m × d` presence vectors once per level rather
+    /// than once per probe is what decoding time is made of.
     pub fn decode_view(&self, v: &View, opts: DecodeOptions) -> Vec<Decoded> {
         let mut out = Vec::new();
         let tau = self.tau_sigmas() * v.sigma;
-        self.decode_slot(v.clone(), opts, opts.max_depth, tau, None, Vec::new(), &mut out);
+        if tau > 0.0 {
+            let mut level = vec![Probe { view: v.clone(), parent: None, path: Vec::new() }];
+            for depth in 0..=opts.max_depth {
+                if level.is_empty() {
+                    break;
+                }
+                let first = self.scores_many(&level);
+                let mut next = Vec::new();
+                for (probe, scores) in level.into_iter().zip(first) {
+                    let found = self.probe(probe.view, scores, opts.max_per_slot, tau);
+                    for (m, z, rest) in found {
+                        let w = z[0] / self.params().c as f64;
+                        let idx = out.len();
+                        out.push(Decoded {
+                            parent: probe.parent,
+                            path: probe.path.clone(),
+                            module: m,
+                            weight: w as f32,
+                            attr: z[1..].iter().map(|v| (v / w) as f32).collect(),
+                        });
+                        if depth == opts.max_depth {
+                            continue;
+                        }
+                        for j in 0..self.modules()[m as usize].n_slots {
+                            let mut path = probe.path.clone();
+                            path.push(j as u16);
+                            next.push(Probe { view: self.slot_view(&rest, m, j), parent: Some(idx), path });
+                        }
+                    }
+                }
+                level = next;
+            }
+        }
         if opts.refine && out.len() > 1 {
             self.refine(v, &mut out);
+        }
+        out
+    }
+
+    /// Matching pursuit over modules in one slot, starting from precomputed scores. Returns each
+    /// object found with its block and the residual its children are read from (every found
+    /// object's own block removed).
+    fn probe(&self, mut u: View, mut scores: Vec<f32>, max: usize, tau: f32) -> Vec<(u32, Vec<f64>, Arc<View>)> {
+        let c = self.params().c as f64;
+        let mut found = Vec::new();
+        for round in 0..max {
+            if round > 0 {
+                scores = self.scores(&u);
+            }
+            let (m, &best) = scores
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .expect("a sketcher has at least one module when it has a sketch to decode");
+            if best < tau {
+                break;
+            }
+            let m = m as u32;
+            let z = self.fit(&u, &[m]);
+            if z[0] / c < tau as f64 {
+                break;
+            }
+            self.subtract(&mut u, &[m], &z);
+            found.push((m, z));
+        }
+        let rest = Arc::new(u);
+        found.into_iter().map(|(m, z)| (m, z, rest.clone())).collect()
+    }
+
+    /// First-round scores of many probes: `(d/d')·⟨r_M, u⟩/c` for each, reading each presence
+    /// vector once for four probes.
+    fn scores_many(&self, probes: &[Probe]) -> Vec<Vec<f32>> {
+        let m = self.modules().len();
+        let n = probes.len();
+        let mut out: Vec<Vec<f32>> = vec![vec![0.0; m]; n];
+        for module in 0..m {
+            let r = self.presence(module as u32);
+            let mut g = 0;
+            while g + 4 <= n {
+                let dots = vector::dot4(r, [0, 1, 2, 3].map(|k| probes[g + k].view.data.as_slice()));
+                for (k, v) in dots.into_iter().enumerate() {
+                    out[g + k][module] = v;
+                }
+                g += 4;
+            }
+            for (i, o) in out.iter_mut().enumerate().skip(g) {
+                o[module] = vector::dot(r, &probes[i].view.data);
+            }
+        }
+        for (o, p) in out.iter_mut().zip(probes) {
+            let f = p.view.scale() / self.params().c;
+            o.iter_mut().for_each(|v| *v *= f);
         }
         out
     }
@@ -173,62 +275,6 @@ impl Sketcher {
                 obj.attr = z[at + 1..at + 1 + k].iter().map(|x| (x / w) as f32).collect();
             }
             at += k + 1;
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn decode_slot(
-        &self,
-        mut u: View,
-        opts: DecodeOptions,
-        depth_left: usize,
-        tau: f32,
-        parent: Option<usize>,
-        path: Vec<u16>,
-        out: &mut Vec<Decoded>,
-    ) {
-        if tau <= 0.0 {
-            return;
-        }
-        let c = self.params().c as f64;
-        let mut found = Vec::new();
-        for _ in 0..opts.max_per_slot {
-            let scores = self.scores(&u);
-            let (m, &best) = scores
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .expect("a sketcher has at least one module when it has a sketch to decode");
-            if best < tau {
-                break;
-            }
-            let m = m as u32;
-            let z = self.fit(&u, &[m]);
-            let w = z[0] / c;
-            if w < tau as f64 {
-                break;
-            }
-            self.subtract(&mut u, &[m], &z);
-            found.push((m, z));
-        }
-        for (m, z) in found {
-            let w = z[0] / c;
-            let idx = out.len();
-            out.push(Decoded {
-                parent,
-                path: path.clone(),
-                module: m,
-                weight: w as f32,
-                attr: z[1..].iter().map(|v| (v / w) as f32).collect(),
-            });
-            if depth_left == 0 {
-                continue;
-            }
-            for j in 0..self.modules()[m as usize].n_slots {
-                let mut p = path.clone();
-                p.push(j as u16);
-                self.decode_slot(self.slot_view(&u, m, j), opts, depth_left - 1, tau, Some(idx), p, out);
-            }
         }
     }
 

@@ -23,6 +23,34 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Four dot products sharing one operand: `[⟨a,b0⟩, ⟨a,b1⟩, ⟨a,b2⟩, ⟨a,b3⟩]`, reading `a` once.
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+pub(crate) fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
+    let (mut s0, mut s1, mut s2, mut s3) = ([0.0f32; 8], [0.0f32; 8], [0.0f32; 8], [0.0f32; 8]);
+    let chunks = a
+        .chunks_exact(8)
+        .zip(b[0].chunks_exact(8))
+        .zip(b[1].chunks_exact(8))
+        .zip(b[2].chunks_exact(8))
+        .zip(b[3].chunks_exact(8));
+    for ((((x, y0), y1), y2), y3) in chunks {
+        for l in 0..8 {
+            s0[l] += x[l] * y0[l];
+            s1[l] += x[l] * y1[l];
+            s2[l] += x[l] * y2[l];
+            s3[l] += x[l] * y3[l];
+        }
+    }
+    let n = a.len() / 8 * 8;
+    let tail = |y: &[f32]| a[n..].iter().zip(&y[n..]).map(|(x, y)| x * y).sum::<f32>();
+    [
+        s0.iter().sum::<f32>() + tail(b[0]),
+        s1.iter().sum::<f32>() + tail(b[1]),
+        s2.iter().sum::<f32>() + tail(b[2]),
+        s3.iter().sum::<f32>() + tail(b[3]),
+    ]
+}
+
 /// `y += a * x`
 #[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
@@ -41,6 +69,29 @@ pub(crate) fn combine<C: AsRef<[f32]>>(y: &mut [f32], cols: &[C], coef: &[f32]) 
         let end = (start + BLOCK).min(y.len());
         let yb = &mut y[start..end];
         for (col, &a) in cols.iter().zip(coef) {
+            if a != 0.0 {
+                for (y, x) in yb.iter_mut().zip(&col.as_ref()[start..end]) {
+                    *y += a * x;
+                }
+            }
+        }
+        start = end;
+    }
+}
+
+/// `y = Σ_j a_j · x_j` (`y` is overwritten; `cols` is not empty).
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+pub(crate) fn combine_into<C: AsRef<[f32]>>(y: &mut [f32], cols: &[C], coef: &[f32]) {
+    const BLOCK: usize = 512;
+    let mut start = 0;
+    while start < y.len() {
+        let end = (start + BLOCK).min(y.len());
+        let yb = &mut y[start..end];
+        let a0 = coef[0];
+        for (y, x) in yb.iter_mut().zip(&cols[0].as_ref()[start..end]) {
+            *y = a0 * x;
+        }
+        for (col, &a) in cols[1..].iter().zip(&coef[1..]) {
             if a != 0.0 {
                 for (y, x) in yb.iter_mut().zip(&col.as_ref()[start..end]) {
                     *y += a * x;
