@@ -158,12 +158,43 @@ pub struct LoadOptions {
     pub intra_op_threads: usize,
     /// An explicit ONNX Runtime library; otherwise [`find_onnxruntime`] looks for one.
     pub onnxruntime_path: Option<PathBuf>,
+    /// Intermediate tensors to expose as extra outputs, after the model's own (for example a
+    /// backbone stage read by sketches), so one forward pass serves both.
+    pub extra_outputs: Vec<String>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { kind: BackendKind::Auto, intra_op_threads: 1, onnxruntime_path: None }
+        Self { kind: BackendKind::Auto, intra_op_threads: 1, onnxruntime_path: None, extra_outputs: Vec::new() }
     }
+}
+
+/// The model file's bytes, with `extra` tensors appended to the graph's outputs.
+fn model_bytes(path: &Path, extra: &[String]) -> Result<Vec<u8>> {
+    use prost::Message;
+    use tract_onnx::pb;
+    let load = |reason: String| BackendError::Load { path: path.to_owned(), reason };
+    let bytes = std::fs::read(path).map_err(|e| load(e.to_string()))?;
+    if extra.is_empty() {
+        return Ok(bytes);
+    }
+    let mut model = pb::ModelProto::decode(bytes.as_slice()).map_err(|e| load(format!("not an ONNX model: {e}")))?;
+    let graph = model.graph.as_mut().ok_or_else(|| load("the model has no graph".into()))?;
+    for name in extra {
+        if graph.output.iter().any(|o| &o.name == name) {
+            continue;
+        }
+        if !graph.node.iter().any(|n| n.output.iter().any(|o| o == name)) {
+            return Err(BackendError::Unsupported(format!("the model has no tensor named {name:?} to expose")));
+        }
+        let float = pb::type_proto::Value::TensorType(pb::type_proto::Tensor { elem_type: 1, shape: None });
+        graph.output.push(pb::ValueInfoProto {
+            name: name.clone(),
+            r#type: Some(pb::TypeProto { value: Some(float), denotation: String::new() }),
+            doc_string: String::new(),
+        });
+    }
+    Ok(model.encode_to_vec())
 }
 
 /// One instance of a loaded model, owned by one thread.
@@ -191,14 +222,15 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<Arc<dyn Model>> {
     if !path.is_file() {
         return Err(BackendError::Load { path: path.to_owned(), reason: "no such file".into() });
     }
+    let bytes = model_bytes(path, &options.extra_outputs)?;
     match options.kind {
-        BackendKind::Tract => Ok(Arc::new(tract::TractModel::load(path)?)),
-        BackendKind::Ort => Ok(Arc::new(onnxruntime::OrtModel::load(path, options)?)),
-        BackendKind::Auto => match onnxruntime::OrtModel::load(path, options) {
+        BackendKind::Tract => Ok(Arc::new(tract::TractModel::load(path, &bytes)?)),
+        BackendKind::Ort => Ok(Arc::new(onnxruntime::OrtModel::load(path, bytes, options)?)),
+        BackendKind::Auto => match onnxruntime::OrtModel::load(path, bytes.clone(), options) {
             Ok(m) => Ok(Arc::new(m)),
             Err(BackendError::RuntimeUnavailable(why)) => {
                 tracing::warn!("ONNX Runtime not found ({why}); using tract, which is slower");
-                Ok(Arc::new(tract::TractModel::load(path)?))
+                Ok(Arc::new(tract::TractModel::load(path, &bytes)?))
             }
             Err(e) => Err(e),
         },

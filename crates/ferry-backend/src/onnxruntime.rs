@@ -96,10 +96,8 @@ pub(crate) struct OrtModel {
 }
 
 impl OrtModel {
-    pub(crate) fn load(path: &Path, options: &LoadOptions) -> Result<Self> {
+    pub(crate) fn load(path: &Path, bytes: Vec<u8>, options: &LoadOptions) -> Result<Self> {
         let (_, library) = environment(options.onnxruntime_path.as_deref())?;
-        let bytes =
-            std::fs::read(path).map_err(|e| BackendError::Load { path: path.to_owned(), reason: e.to_string() })?;
         let mut model = Self {
             path: path.to_owned(),
             bytes,

@@ -35,8 +35,8 @@ fn load_error(path: &Path, e: impl std::fmt::Display) -> BackendError {
 }
 
 impl TractModel {
-    pub(crate) fn load(path: &Path) -> Result<Self> {
-        let model = tract_onnx::onnx().model_for_path(path).map_err(|e| load_error(path, e))?;
+    pub(crate) fn load(path: &Path, bytes: &[u8]) -> Result<Self> {
+        let model = tract_onnx::onnx().model_for_read(&mut &bytes[..]).map_err(|e| load_error(path, e))?;
         let typed = model.clone().into_typed().map_err(|e| load_error(path, e))?;
         let describe = |outlets: &[OutletId]| -> Result<Vec<IoInfo>> {
             outlets

@@ -7,7 +7,8 @@
 //! (method of optimal directions with OMP coding). Plain MOD gets stuck with one atom standing for
 //! two true ones; more atoms than modules, plus moving duplicate and unused atoms to the worst-coded
 //! sample's residual after each iteration, is what splits them again (without the move, one run
-//! in five left two or more true atoms merged). [`Pca`] fits the module subspaces once the
+//! in five left two or more true atoms merged). [`spherical_kmeans`] learns codewords ("visual
+//! words") that turn feature vectors into modules. [`Pca`] fits the module subspaces once the
 //! atoms are known, and the attribute projections that turn model features into attributes.
 
 use nalgebra::{DMatrix, DVector, SymmetricEigen};
@@ -211,6 +212,69 @@ fn normalise(dict: &mut DMatrix<f64>, y: &DMatrix<f64>, rng: &mut Stream) {
     }
 }
 
+/// Spherical k-means: `k` unit centroids of L2-normalised samples, assigned by cosine, seeded with
+/// k-means++ from `seed`. Fewer centroids come back when there are fewer distinct samples.
+pub fn spherical_kmeans(samples: &[Vec<f32>], k: usize, iterations: usize, seed: u64) -> Result<Vec<Vec<f32>>> {
+    let (n, p) = shape(samples)?;
+    let unit: Vec<Vec<f32>> = samples
+        .iter()
+        .map(|s| {
+            let norm = s.iter().map(|v| v * v).sum::<f32>().sqrt();
+            s.iter().map(|v| if norm > 0.0 { v / norm } else { 0.0 }).collect()
+        })
+        .collect();
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    let mut rng = Stream::from_seed(seed);
+    let mut centroids = vec![unit[rng.below(n as u64) as usize].clone()];
+    // k-means++ on the cosine distance 1 - cos.
+    let mut dist: Vec<f64> = unit.iter().map(|u| (1.0 - dot(u, &centroids[0]) as f64).max(0.0)).collect();
+    while centroids.len() < k.min(n) {
+        let total: f64 = dist.iter().sum();
+        if total <= 1e-12 {
+            break;
+        }
+        let mut target = rng.uniform() * total;
+        let mut pick = n - 1;
+        for (i, &d) in dist.iter().enumerate() {
+            if target <= d {
+                pick = i;
+                break;
+            }
+            target -= d;
+        }
+        centroids.push(unit[pick].clone());
+        for (d, u) in dist.iter_mut().zip(&unit) {
+            *d = d.min((1.0 - dot(u, &unit[pick]) as f64).max(0.0));
+        }
+    }
+    for _ in 0..iterations {
+        let mut sums = vec![vec![0.0f64; p]; centroids.len()];
+        for u in &unit {
+            let best = nearest(&centroids, u);
+            sums[best].iter_mut().zip(u).for_each(|(s, v)| *s += *v as f64);
+        }
+        for (c, s) in centroids.iter_mut().zip(&sums) {
+            let norm = s.iter().map(|v| v * v).sum::<f64>().sqrt();
+            if norm > 0.0 {
+                *c = s.iter().map(|v| (v / norm) as f32).collect();
+            }
+        }
+    }
+    Ok(centroids)
+}
+
+/// Index of the centroid with the largest inner product with `x`.
+pub fn nearest(centroids: &[Vec<f32>], x: &[f32]) -> usize {
+    let mut best = (0, f32::NEG_INFINITY);
+    for (i, c) in centroids.iter().enumerate() {
+        let v: f32 = c.iter().zip(x).map(|(a, b)| a * b).sum();
+        if v > best.1 {
+            best = (i, v);
+        }
+    }
+    best.0
+}
+
 /// A principal-component projection fitted on samples, optionally whitening.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pca {
@@ -286,4 +350,27 @@ fn top(eig: &SymmetricEigen<f64, nalgebra::Dyn>, k: usize) -> Vec<usize> {
     idx.sort_by(|&a, &b| eig.eigenvalues[b].total_cmp(&eig.eigenvalues[a]));
     idx.truncate(k);
     idx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kmeans_finds_separated_directions() {
+        let mut rng = Stream::from_seed(1);
+        let dirs: Vec<Vec<f32>> =
+            (0..4).map(|i| (0..8).map(|j| if j == i * 2 { 1.0 } else { 0.0 }).collect()).collect();
+        let samples: Vec<Vec<f32>> = (0..400)
+            .map(|t| {
+                dirs[t % 4].iter().map(|v| v * (1.0 + rng.uniform() as f32) + 0.05 * rng.normal() as f32).collect()
+            })
+            .collect();
+        let c = spherical_kmeans(&samples, 4, 10, 3).unwrap();
+        assert_eq!(c.len(), 4);
+        for d in &dirs {
+            assert!(c.iter().any(|c| c.iter().zip(d).map(|(a, b)| a * b).sum::<f32>() > 0.99), "{c:?}");
+        }
+        assert_eq!(nearest(&c, &dirs[2]), nearest(&c, &samples[2]));
+    }
 }

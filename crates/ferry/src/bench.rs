@@ -50,7 +50,12 @@ pub struct BenchReport {
 /// Runs the model flat out on every thread for `cfg.duration`.
 pub fn run(cfg: &BenchConfig) -> Result<BenchReport, JobError> {
     let dir = ModelDir::open(&cfg.model)?;
-    let options = LoadOptions { kind: cfg.backend, intra_op_threads: cfg.intra_op_threads, onnxruntime_path: None };
+    let options = LoadOptions {
+        kind: cfg.backend,
+        intra_op_threads: cfg.intra_op_threads,
+        onnxruntime_path: None,
+        extra_outputs: Vec::new(),
+    };
     let model = ferry_backend::load(&dir.onnx, &options)?;
     let model_hw = dir.input.declared_hw(model.info());
     let plan = ImagePlan::new(&dir.input, model_hw, u64::MAX)?;

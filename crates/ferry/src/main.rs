@@ -63,9 +63,23 @@ struct FitArgs {
     /// Use at most this many images, spread evenly over the listing.
     #[arg(long, default_value_t = 1000)]
     limit: usize,
-    /// Sketch dimension d (floats per sketch).
-    #[arg(long, default_value_t = 1024)]
-    dim: usize,
+    /// The recipe: classifier (image and top classes) or stages (backbone stages as layers,
+    /// their codewords as modules; give --stage).
+    #[arg(long, default_value = "classifier", value_parser = ["classifier", "stages"])]
+    recipe: String,
+    /// A stage tensor of the model for the stages recipe (C × H × W per record), deepest first;
+    /// repeat for each stage.
+    #[arg(long)]
+    stage: Vec<String>,
+    /// Peaks of the deepest stage per record; each finer stage takes twice as many.
+    #[arg(long, default_value_t = 8)]
+    peaks: usize,
+    /// Codewords (modules) per stage.
+    #[arg(long, default_value_t = 64)]
+    codewords: usize,
+    /// Sketch dimension d (floats per sketch) [default: 1024 for classifier, 4096 for stages].
+    #[arg(long)]
+    dim: Option<usize>,
     /// Seed of the sketch matrices.
     #[arg(long, default_value_t = ferry::sketch::profile::FitSettings::default().seed)]
     seed: u64,
@@ -332,11 +346,20 @@ async fn sketch(cmd: SketchCommand) -> Result<(), String> {
                 input: a.input,
                 output: a.output,
                 limit: a.limit,
-                settings: ferry::sketch::profile::FitSettings {
-                    d: a.dim,
-                    seed: a.seed,
-                    top_classes: a.top_classes,
-                    ..Default::default()
+                settings: {
+                    let stages = a.recipe == "stages";
+                    if stages == a.stage.is_empty() {
+                        return Err("--stage is needed by the stages recipe, and only by it".into());
+                    }
+                    ferry::sketch::profile::FitSettings {
+                        d: a.dim.unwrap_or(if stages { 4096 } else { 1024 }),
+                        seed: a.seed,
+                        top_classes: a.top_classes,
+                        stages: a.stage,
+                        peaks: a.peaks,
+                        codewords: a.codewords,
+                        ..Default::default()
+                    }
                 },
                 backend: a.backend,
                 threads: JobConfig::default().threads,

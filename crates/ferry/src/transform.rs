@@ -305,8 +305,8 @@ struct Prepared {
 struct SketchWriter {
     profile: SketchProfile,
     sketcher: ferry_sketch::Sketcher,
-    features: usize,
-    scores: usize,
+    /// The model output index of each output the recipe reads.
+    inputs: HashMap<String, usize>,
 }
 
 impl SketchWriter {
@@ -316,7 +316,9 @@ impl SketchWriter {
         let mut indices = Vec::new();
         for (i, r) in records.iter().enumerate() {
             if let Ok(outputs) = r {
-                dags.push(self.profile.dag(&outputs[self.features].1, &outputs[self.scores].1));
+                let get =
+                    |name: &str| self.inputs.get(name).map(|&j| (outputs[j].0.as_slice(), outputs[j].1.as_slice()));
+                dags.push(self.profile.record_dag(get).map_err(|e| format!("record {i}: sketch: {e}"))?);
                 indices.push(i as i64);
             }
         }
@@ -338,7 +340,19 @@ impl SketchWriter {
 
 fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
     let dir = ModelDir::open(&cfg.model)?;
-    let options = LoadOptions { kind: cfg.backend, intra_op_threads: cfg.intra_op_threads, onnxruntime_path: None };
+    // The profile comes first: the stages recipe reads intermediate tensors, which the model must
+    // expose as outputs when it is loaded.
+    let profile = match &cfg.sketch {
+        None => None,
+        Some(_) => Some(load_profile(cfg, &dir)?),
+    };
+    let own_outputs = |p: &SketchProfile| p.stages.iter().map(|s| s.output.clone()).collect::<Vec<_>>();
+    let options = LoadOptions {
+        kind: cfg.backend,
+        intra_op_threads: cfg.intra_op_threads,
+        onnxruntime_path: None,
+        extra_outputs: profile.as_ref().map(own_outputs).unwrap_or_default(),
+    };
     let model = ferry_backend::load(&dir.onnx, &options)?;
     let info = model.info();
     let model_hw = dir.input.declared_hw(info);
@@ -356,34 +370,17 @@ fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
         Some(name) => position(name)?,
         None => 0,
     };
-    let features = dir.output.features.as_deref().map(position).transpose()?;
-    let sketch = match &cfg.sketch {
+    let mut hidden: Vec<usize> = dir.output.features.as_deref().map(position).transpose()?.into_iter().collect();
+    let sketch = match profile {
         None => None,
-        Some(_) => {
-            let path = match (&cfg.sketch_profile, &dir.dir) {
-                (Some(p), _) => p.clone(),
-                (None, Some(d)) => d.join(PROFILE_FILE),
-                (None, None) => {
-                    return Err(JobError::Config("--sketch with a bare .onnx file needs --sketch-profile".into()))
-                }
-            };
-            let text = std::fs::read(&path).map_err(|e| {
-                JobError::Config(format!(
-                    "no sketch profile at {} ({e}); fit one with `ferry sketch fit --model {} --input <calibration images>`",
-                    path.display(),
-                    cfg.model.display()
-                ))
-            })?;
-            let profile: SketchProfile =
-                serde_json::from_slice(&text).map_err(|e| JobError::Config(format!("{}: {e}", path.display())))?;
-            profile.validate().map_err(|e| JobError::Config(format!("{}: {e}", path.display())))?;
-            let sketcher = profile.sketcher().map_err(|e| JobError::Config(format!("{}: {e}", path.display())))?;
-            Some(SketchWriter {
-                features: position(&profile.features_output)?,
-                scores: position(&profile.scores_output)?,
-                profile,
-                sketcher,
-            })
+        Some(profile) => {
+            let sketcher = profile.sketcher().map_err(|e| JobError::Config(format!("sketch profile: {e}")))?;
+            let mut inputs = HashMap::new();
+            for name in profile.outputs() {
+                inputs.insert(name.clone(), position(&name)?);
+            }
+            hidden.extend(own_outputs(&profile).iter().map(|n| inputs[n]));
+            Some(SketchWriter { profile, sketcher, inputs })
         }
     };
     let encoder = Encoder {
@@ -392,7 +389,7 @@ fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
         softmax: dir.output.softmax,
         top_k: cfg.top_k,
         labels: dir.labels.clone(),
-        hidden: features.into_iter().collect(),
+        hidden,
     };
     // One instance per model thread, created side by side now, so a model that loads but cannot
     // be instantiated stops the job with one message before any object is read.
@@ -404,6 +401,25 @@ fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
             .collect::<Result<Vec<_>, _>>()
     })?;
     Ok(Prepared { runtime: model.runtime(), instances, plan, encoder, sketch })
+}
+
+fn load_profile(cfg: &JobConfig, dir: &ModelDir) -> Result<SketchProfile, JobError> {
+    let path = match (&cfg.sketch_profile, &dir.dir) {
+        (Some(p), _) => p.clone(),
+        (None, Some(d)) => d.join(PROFILE_FILE),
+        (None, None) => return Err(JobError::Config("--sketch with a bare .onnx file needs --sketch-profile".into())),
+    };
+    let text = std::fs::read(&path).map_err(|e| {
+        JobError::Config(format!(
+            "no sketch profile at {} ({e}); fit one with `ferry sketch fit --model {} --input <calibration images>`",
+            path.display(),
+            cfg.model.display()
+        ))
+    })?;
+    let profile: SketchProfile =
+        serde_json::from_slice(&text).map_err(|e| JobError::Config(format!("{}: {e}", path.display())))?;
+    profile.validate().map_err(|e| JobError::Config(format!("{}: {e}", path.display())))?;
+    Ok(profile)
 }
 
 async fn list(location: &Location) -> Result<Vec<ObjectMeta>, JobError> {

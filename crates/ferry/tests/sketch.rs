@@ -252,3 +252,82 @@ fn a_sketch_job_without_a_profile_is_one_clear_message() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("is this a sketch set?"), "{}", stderr(&out));
 }
+
+/// MobileNetV2's stages at strides 32, 16 and 8.
+const STAGES: [&str; 3] = [
+    "/features/features.18/features.18.2/Clip_output_0",
+    "/features/features.13/Add_output_0",
+    "/features/features.6/Add_output_0",
+];
+
+#[test]
+fn the_stages_recipe_sketches_intermediate_objects_from_the_same_pass() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    make_variants(&images, 25);
+    let profile = tmp.path().join("stages.json");
+    let model = mobilenet();
+    let model = model.to_str().unwrap();
+    let mut fit = ferry();
+    fit.args(["sketch", "fit", "--model", model, "--input", images.to_str().unwrap(), "--recipe", "stages"])
+        .args(["--output", profile.to_str().unwrap()]);
+    for s in STAGES {
+        fit.args(["--stage", s]);
+    }
+    let out = fit.output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let p = json(&profile);
+    assert_eq!(p["recipe"], "stages");
+    assert_eq!(p["d"], 4096);
+    assert_eq!(p["modules"].as_array().unwrap().len(), 1 + 3 * 64);
+
+    let (outputs, set) = (tmp.path().join("out"), tmp.path().join("sketches"));
+    let run = transform(&[
+        "--model",
+        model,
+        "--input",
+        images.to_str().unwrap(),
+        "--output",
+        outputs.to_str().unwrap(),
+        "--top-k",
+        "1",
+        "--sketch",
+        set.to_str().unwrap(),
+        "--sketch-profile",
+        profile.to_str().unwrap(),
+    ]);
+    assert!(run.status.success());
+    // The stage tensors are read for the sketch, not written.
+    let body = json(&outputs.join("coffee/coffee_003.jpg.out"));
+    assert_eq!(body["predictions"][0]["labels"][0], "espresso");
+    assert_eq!(body["predictions"][0].as_object().unwrap().len(), 3);
+
+    // Paths only match where both images have the same codeword at the same place in the tree, so
+    // stage objects make similarity stricter than the classifier recipe's; the nearest images are
+    // still the same photo's variants.
+    for key in
+        ["chelsea/chelsea_003.jpg", "coffee/coffee_010.jpg", "rocket/rocket_020.jpg", "astronaut/astronaut_011.jpg"]
+    {
+        let hits = similar(&set, key, 5);
+        eprintln!("{key}: {hits:?}");
+        assert!(hits.iter().take(3).all(|(k, _)| source(k) == source(key)), "{key}: {hits:?}");
+    }
+    let tree: serde_json::Value =
+        serde_json::from_str(&sketch(&["decode", "--sketches", set.to_str().unwrap(), "astronaut/astronaut_004.jpg"]))
+            .unwrap();
+    let objects = tree["objects"].as_array().unwrap();
+    assert_eq!(objects[0]["module"], "image");
+    let first: Vec<&serde_json::Value> = objects.iter().filter(|o| o["path"].as_array().unwrap().len() == 1).collect();
+    assert!(!first.is_empty(), "{tree}");
+    for o in &first {
+        assert!(o["module"].as_str().unwrap().starts_with("s1:c"), "{o}");
+        let a = o["attributes"].as_array().unwrap();
+        // Position, as a fraction of the image from its centre, normalised with the attributes.
+        assert!(a[0].as_f64().unwrap().abs() <= 0.5 && a[1].as_f64().unwrap().abs() <= 0.5, "{o}");
+    }
+    let module = first[0]["module"].as_str().unwrap();
+    let stats: serde_json::Value =
+        serde_json::from_str(&sketch(&["stats", "--sketches", set.to_str().unwrap(), "--module", module])).unwrap();
+    assert_eq!(stats["records"], 100);
+    assert!(stats["count"].as_f64().unwrap() >= 1.0, "{stats}");
+}

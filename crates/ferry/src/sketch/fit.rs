@@ -10,7 +10,7 @@ use ferry_backend::{BackendKind, LoadOptions, Tensor};
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStoreExt;
 
-use super::profile::{fit_profile, FitSettings, SketchProfile, PROFILE_FILE};
+use super::profile::{fit_profile, fit_stage, peaks, FitSettings, Peak, SketchProfile, PROFILE_FILE};
 use crate::image::{ImageDecoder, ImagePlan};
 use crate::model::ModelDir;
 use crate::store::Location;
@@ -63,7 +63,12 @@ pub async fn run(cfg: FitConfig) -> Result<FitOutcome, String> {
         (None, Some(d)) => d.join(PROFILE_FILE),
         (None, None) => return Err("the model is a bare .onnx file: give --output for the profile".into()),
     };
-    let options = LoadOptions { kind: cfg.backend, intra_op_threads: cfg.threads.max(1), onnxruntime_path: None };
+    let options = LoadOptions {
+        kind: cfg.backend,
+        intra_op_threads: cfg.threads.max(1),
+        onnxruntime_path: None,
+        extra_outputs: cfg.settings.stages.clone(),
+    };
     let model = ferry_backend::load(&dir.onnx, &options).map_err(|e| e.to_string())?;
     let info = model.info().clone();
     let names: Vec<String> = info.outputs.iter().map(|o| o.name.clone()).collect();
@@ -76,6 +81,8 @@ pub async fn run(cfg: FitConfig) -> Result<FitOutcome, String> {
     let fi = find(&features_name)?;
     let scores_name = dir.output.name.clone().unwrap_or_else(|| names[0].clone());
     let si = find(&scores_name)?;
+    let stage_idx: Vec<usize> = cfg.settings.stages.iter().map(|n| find(n)).collect::<Result<_, _>>()?;
+    let peaks_at: Vec<usize> = (0..stage_idx.len()).map(|i| cfg.settings.peaks << i).collect();
     let plan = ImagePlan::new(&dir.input, dir.input.declared_hw(&info), 178_956_970).map_err(|e| e.to_string())?;
 
     let input = Location::open(&cfg.input, false, cfg.max_retries).map_err(|e| e.to_string())?;
@@ -115,6 +122,7 @@ pub async fn run(cfg: FitConfig) -> Result<FitOutcome, String> {
         let mut decoder = ImageDecoder::new(plan.clone());
         let mut skipped = Vec::new();
         let mut features = Vec::new();
+        let mut stage_peaks: Vec<Vec<Peak>> = vec![Vec::new(); stage_idx.len()];
         let mut classes = 0;
         let mut input = Tensor { shape: Vec::new(), data: Vec::new() };
         let mut pending = 0;
@@ -127,6 +135,9 @@ pub async fn run(cfg: FitConfig) -> Result<FitOutcome, String> {
             let out = backend.run(input).map_err(|e| e.to_string())?;
             for i in 0..*pending {
                 features.push(out[fi].row(i).to_vec());
+                for (s, &idx) in stage_idx.iter().enumerate() {
+                    stage_peaks[s].extend(peaks(&out[idx].shape[1..], out[idx].row(i), peaks_at[s])?);
+                }
             }
             classes = out[si].row_len();
             input.data.clear();
@@ -152,12 +163,30 @@ pub async fn run(cfg: FitConfig) -> Result<FitOutcome, String> {
         let labels = labels
             .filter(|l| l.len() == classes)
             .unwrap_or_else(|| (0..classes).map(|i| format!("class:{i}")).collect());
-        let profile = fit_profile(&features, labels, &settings, features_name, scores_name)?;
+        let stages = settings
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, output)| {
+                fit_stage(
+                    format!("s{}", i + 1),
+                    output.clone(),
+                    peaks_at[i],
+                    &stage_peaks[i],
+                    settings.codewords,
+                    settings.seed,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let profile = fit_profile(&features, labels, &settings, features_name, scores_name, stages)?;
         Ok((profile, skipped))
     })
     .await
     .expect("fitting panicked")?;
     let body = serde_json::to_vec_pretty(&profile).expect("the profile serialises");
+    if let Some(parent) = out_path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+    }
     std::fs::write(&out_path, body).map_err(|e| format!("writing {}: {e}", out_path.display()))?;
     Ok(FitOutcome { path: out_path, profile, skipped })
 }

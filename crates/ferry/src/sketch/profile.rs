@@ -1,6 +1,7 @@
-//! The classifier recipe and its fitted parameters.
+//! The recipes that turn one record's model outputs into an object graph, and their fitted
+//! parameters.
 //!
-//! Each record becomes a small object graph:
+//! **classifier**: each record becomes a small object graph:
 //!
 //! ```text
 //! image (attributes: whitened PCA of the pooled features)
@@ -14,6 +15,14 @@
 //! of the top class. The top class has weight 1 so that counts are counts of predictions; the
 //! others are weighted by their probability, so they add to similarity and to aggregate
 //! statistics without being individually decodable.
+//!
+//! **stages**: the backbone's stages are layers and their "visual words" are modules. Each stage
+//! output (`C × H × W`) gives its strongest locations (activation = RMS over channels, 3×3
+//! non-maximum suppression); a location's module is the nearest codeword of its channel vector
+//! (spherical k-means on the calibration set) and its attributes are its position, its log
+//! activation and a PCA of its channel vector. The image holds the deepest stage's peaks in
+//! ordered slots (α = 1/√n); each peak holds the two strongest peaks of the next finer stage
+//! within 1.5 of its cells (α = 1/√2), which makes a DAG when two parents share a child.
 
 use ferry_sketch::learn::Pca;
 use ferry_sketch::{Dag, ModuleSpec, Params, Sketcher};
@@ -61,23 +70,218 @@ pub struct SketchProfile {
     pub image_norm: f32,
     /// 99th percentile norm of the whitened class feature attributes on the calibration set.
     pub class_norm: f32,
-    /// Module names: `image`, then one per class in output order.
+    /// The stages recipe's stages, deepest (coarsest) first; empty for the classifier recipe.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<StageProfile>,
+    /// Module names: `image`, then one per class in output order (classifier) or one per stage
+    /// codeword, `<stage>:cNN` (stages).
     pub modules: Vec<String>,
     /// Records the profile was fitted on.
     pub calibration_records: usize,
 }
 
+/// One backbone stage of the stages recipe.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StageProfile {
+    /// Short name, the prefix of its module names (`s1`, `s2`, ...).
+    pub name: String,
+    /// The model tensor (`C × H × W` per record) this stage reads.
+    pub output: String,
+    /// Peaks taken per record.
+    pub peaks: usize,
+    /// Unit codewords of the peaks' channel vectors; one module each.
+    pub codebook: Vec<Vec<f32>>,
+    /// PCA of the peaks' channel vectors.
+    pub pca_mean: Vec<f32>,
+    /// Principal directions.
+    pub pca_components: Vec<Vec<f32>>,
+    /// Variance along each.
+    pub pca_variances: Vec<f32>,
+    /// 99th percentile of `ln(1 + activation)` on the calibration set.
+    pub activation_norm: f32,
+    /// 99th percentile norm of the raw attribute vector on the calibration set.
+    pub attr_norm: f32,
+}
+
+/// Attribute dimension of a stage object: position (2), log activation (1), PCA (13).
+pub const STAGE_DIM: usize = 16;
+
+/// A strong location of a stage output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Peak {
+    /// Cell centre, as a fraction of the height and width.
+    pub y: f32,
+    /// See `y`.
+    pub x: f32,
+    /// RMS of the channel vector.
+    pub activation: f32,
+    /// The channel vector.
+    pub vector: Vec<f32>,
+}
+
+/// The strongest `n` locations of a `C × H × W` tensor after 3×3 non-maximum suppression,
+/// strongest first (ties in raster order).
+pub fn peaks(shape: &[usize], values: &[f32], n: usize) -> Result<Vec<Peak>, String> {
+    let [c, h, w] = shape else {
+        return Err(format!("a stage output must be C × H × W per record, got {shape:?}"));
+    };
+    let (c, h, w) = (*c, *h, *w);
+    if c * h * w != values.len() || c == 0 {
+        return Err(format!("stage output of shape {shape:?} holds {} values", values.len()));
+    }
+    let mut act = vec![0.0f32; h * w];
+    for ch in 0..c {
+        for (a, v) in act.iter_mut().zip(&values[ch * h * w..(ch + 1) * h * w]) {
+            *a += v * v;
+        }
+    }
+    act.iter_mut().for_each(|a| *a = (*a / c as f32).sqrt());
+    let key = |i: usize| (act[i], std::cmp::Reverse(i));
+    let mut kept: Vec<usize> = (0..h * w)
+        .filter(|&i| {
+            let (y, x) = ((i / w) as isize, (i % w) as isize);
+            (-1..=1).all(|dy| {
+                (-1..=1).all(|dx| {
+                    let (ny, nx) = (y + dy, x + dx);
+                    (dy == 0 && dx == 0)
+                        || ny < 0
+                        || nx < 0
+                        || ny >= h as isize
+                        || nx >= w as isize
+                        || key(ny as usize * w + nx as usize).partial_cmp(&key(i)) != Some(std::cmp::Ordering::Greater)
+                })
+            })
+        })
+        .collect();
+    kept.sort_by(|&a, &b| act[b].total_cmp(&act[a]).then(a.cmp(&b)));
+    kept.truncate(n);
+    Ok(kept
+        .into_iter()
+        .map(|i| Peak {
+            y: ((i / w) as f32 + 0.5) / h as f32,
+            x: ((i % w) as f32 + 0.5) / w as f32,
+            activation: act[i],
+            vector: (0..c).map(|ch| values[ch * h * w + i]).collect(),
+        })
+        .collect())
+}
+
+impl StageProfile {
+    fn pca(&self) -> Pca {
+        Pca {
+            mean: self.pca_mean.clone(),
+            components: self.pca_components.clone(),
+            variances: self.pca_variances.clone(),
+        }
+    }
+
+    /// The attribute vector before normalisation.
+    fn raw_attr(&self, p: &Peak) -> Vec<f32> {
+        let mut v = vec![p.y - 0.5, p.x - 0.5, (1.0 + p.activation).ln() / self.activation_norm.max(1e-6)];
+        let scale = ((STAGE_DIM - 3) as f32).sqrt();
+        v.extend(self.pca().project(&p.vector, true).into_iter().take(STAGE_DIM - 3).map(|z| z / scale));
+        v.resize(STAGE_DIM, 0.0);
+        v
+    }
+
+    /// The codeword (module index within the stage) and attributes of a peak.
+    pub fn object(&self, p: &Peak) -> (usize, Vec<f32>) {
+        (ferry_sketch::learn::nearest(&self.codebook, &p.vector), unit_ball(&self.raw_attr(p), self.attr_norm))
+    }
+}
+
 impl SketchProfile {
     /// The sketcher these sketches are made and read with.
     pub fn sketcher(&self) -> Result<Sketcher, ferry_sketch::Error> {
-        let mut specs = vec![ModuleSpec { attr_dim: self.image_dim, n_slots: 2 }];
-        specs.extend((1..self.modules.len()).map(|_| ModuleSpec { attr_dim: self.class_dim, n_slots: 0 }));
+        let specs: Vec<ModuleSpec> = if self.stages.is_empty() {
+            let mut specs = vec![ModuleSpec { attr_dim: self.image_dim, n_slots: 2 }];
+            specs.extend((1..self.modules.len()).map(|_| ModuleSpec { attr_dim: self.class_dim, n_slots: 0 }));
+            specs
+        } else {
+            let mut specs = vec![ModuleSpec { attr_dim: self.image_dim, n_slots: self.stages[0].peaks }];
+            for (i, st) in self.stages.iter().enumerate() {
+                let slots = if i + 1 < self.stages.len() { 2 } else { 0 };
+                specs.extend(st.codebook.iter().map(|_| ModuleSpec { attr_dim: STAGE_DIM, n_slots: slots }));
+            }
+            specs
+        };
         Sketcher::new(Params { d: self.d, c: self.c, seed: self.seed, ..Params::default() }, &specs)
+    }
+
+    /// Levels below the image that the recipe writes.
+    pub fn depth(&self) -> usize {
+        self.stages.len().max(1)
+    }
+
+    /// Every model output the recipe reads.
+    pub fn outputs(&self) -> Vec<String> {
+        let mut out = vec![self.features_output.clone()];
+        if self.stages.is_empty() {
+            out.push(self.scores_output.clone());
+        }
+        out.extend(self.stages.iter().map(|s| s.output.clone()));
+        out
+    }
+
+    /// Module id of codeword `c` of stage `i`.
+    fn stage_module(&self, i: usize, c: usize) -> u32 {
+        (1 + self.stages[..i].iter().map(|s| s.codebook.len()).sum::<usize>() + c) as u32
+    }
+
+    /// The object graph of one record; `get` returns a named output's per-record shape and values.
+    pub fn record_dag<'a>(&self, get: impl Fn(&str) -> Option<(&'a [usize], &'a [f32])>) -> Result<Dag, String> {
+        let read = |name: &str| get(name).ok_or_else(|| format!("the model did not return output {name:?}"));
+        let (_, features) = read(&self.features_output)?;
+        if self.stages.is_empty() {
+            let (_, scores) = read(&self.scores_output)?;
+            return Ok(self.dag(features, scores));
+        }
+        let z = self.project(features);
+        let mut dag = Dag::default();
+        let root = dag.add(IMAGE_MODULE, unit_ball(&z[..self.image_dim], self.image_norm));
+        dag.top.push((root, 1.0));
+        // Nodes of the previous (coarser) stage, and its grid in cells.
+        let mut above: Vec<(usize, Peak)> = Vec::new();
+        let mut above_grid = (1.0f32, 1.0f32);
+        for (i, st) in self.stages.iter().enumerate() {
+            let (shape, values) = read(&st.output)?;
+            let found = peaks(shape, values, st.peaks)?;
+            let ids: Vec<usize> = found
+                .iter()
+                .map(|p| {
+                    let (code, attr) = st.object(p);
+                    dag.add(self.stage_module(i, code), attr)
+                })
+                .collect();
+            if i == 0 {
+                let alpha = 1.0 / (ids.len().max(1) as f32).sqrt();
+                for (slot, &id) in ids.iter().enumerate() {
+                    dag.link(root, slot, alpha, id);
+                }
+            } else {
+                let (ph, pw) = above_grid;
+                for (pid, parent) in &above {
+                    // `found` is strongest first, so the first two near ones are the strongest.
+                    let near = (0..found.len())
+                        .filter(|&j| {
+                            (found[j].y - parent.y).abs() <= 1.5 / ph && (found[j].x - parent.x).abs() <= 1.5 / pw
+                        })
+                        .take(2);
+                    for (slot, j) in near.enumerate() {
+                        dag.link(*pid, slot, std::f32::consts::FRAC_1_SQRT_2, ids[j]);
+                    }
+                }
+            }
+            above = ids.into_iter().zip(found).collect();
+            above_grid = (shape[1] as f32, shape[2] as f32);
+        }
+        Ok(dag)
     }
 
     /// Checks internal consistency (a hand-edited or truncated file).
     pub fn validate(&self) -> Result<(), String> {
-        if self.format != 1 || self.recipe != "classifier" {
+        if self.format != 1 || !matches!(self.recipe.as_str(), "classifier" | "stages") {
             return Err(format!("unsupported profile (format {}, recipe {:?})", self.format, self.recipe));
         }
         let width = self.pca_mean.len();
@@ -90,8 +294,13 @@ impl SketchProfile {
             || self.modules.len() < 2
             || self.top_classes == 0
             || !(0.0..1.0).contains(&self.score_scale)
+            || (self.recipe == "stages") == self.stages.is_empty()
         {
             return Err("inconsistent sketch profile".into());
+        }
+        let stage_modules: usize = self.stages.iter().map(|s| s.codebook.len()).sum();
+        if !self.stages.is_empty() && self.modules.len() != 1 + stage_modules {
+            return Err("inconsistent sketch profile: module names do not match the codebooks".into());
         }
         Ok(())
     }
@@ -172,6 +381,7 @@ pub fn fit_profile(
     settings: &FitSettings,
     features_output: String,
     scores_output: String,
+    stages: Vec<StageProfile>,
 ) -> Result<SketchProfile, String> {
     let comps = settings.image_dim.max(settings.class_dim - 1);
     if features.len() < comps + 1 {
@@ -189,10 +399,17 @@ pub fn fit_profile(
         norms[((norms.len() - 1) as f64 * 0.99).round() as usize].max(1e-6)
     };
     let mut modules = vec!["image".to_string()];
-    modules.extend(labels);
+    if stages.is_empty() {
+        modules.extend(labels);
+    } else {
+        for st in &stages {
+            modules.extend((0..st.codebook.len()).map(|c| format!("{}:c{c:02}", st.name)));
+        }
+    }
     Ok(SketchProfile {
         format: 1,
-        recipe: "classifier".into(),
+        recipe: if stages.is_empty() { "classifier" } else { "stages" }.into(),
+        stages,
         d: settings.d,
         seed: settings.seed,
         c: 1.0,
@@ -212,6 +429,44 @@ pub fn fit_profile(
     })
 }
 
+/// Fits one stage from the peaks of the calibration records: codebook, PCA and scales.
+pub fn fit_stage(
+    name: String,
+    output: String,
+    peaks_per_record: usize,
+    found: &[Peak],
+    codewords: usize,
+    seed: u64,
+) -> Result<StageProfile, String> {
+    let vectors: Vec<Vec<f32>> = found.iter().map(|p| p.vector.clone()).collect();
+    let comps = (STAGE_DIM - 3).min(vectors.first().map_or(0, Vec::len));
+    if vectors.len() < comps.max(codewords) + 1 {
+        return Err(format!(
+            "stage {name}: {} peaks cannot fit {codewords} codewords; give more calibration images",
+            vectors.len()
+        ));
+    }
+    let codebook = ferry_sketch::learn::spherical_kmeans(&vectors, codewords, 20, seed).map_err(|e| e.to_string())?;
+    let pca = Pca::fit(&vectors, comps).map_err(|e| e.to_string())?;
+    let p99 = |mut v: Vec<f32>| {
+        v.sort_by(f32::total_cmp);
+        v[((v.len() - 1) as f64 * 0.99).round() as usize].max(1e-6)
+    };
+    let mut stage = StageProfile {
+        name,
+        output,
+        peaks: peaks_per_record,
+        codebook,
+        pca_mean: pca.mean,
+        pca_components: pca.components,
+        pca_variances: pca.variances,
+        activation_norm: p99(found.iter().map(|p| (1.0 + p.activation).ln()).collect()),
+        attr_norm: 1.0,
+    };
+    stage.attr_norm = p99(found.iter().map(|p| stage.raw_attr(p).iter().map(|v| v * v).sum::<f32>().sqrt()).collect());
+    Ok(stage)
+}
+
 /// What `ferry sketch fit` chooses.
 #[derive(Debug, Clone)]
 pub struct FitSettings {
@@ -225,11 +480,26 @@ pub struct FitSettings {
     pub image_dim: usize,
     /// Class attribute dimension.
     pub class_dim: usize,
+    /// Stage tensors for the stages recipe, deepest first; empty for the classifier recipe.
+    pub stages: Vec<String>,
+    /// Peaks of the deepest stage per record; each finer stage takes twice as many.
+    pub peaks: usize,
+    /// Codewords (modules) per stage.
+    pub codewords: usize,
 }
 
 impl Default for FitSettings {
     fn default() -> Self {
-        FitSettings { d: 1024, seed: 0x5eed_f322, top_classes: 3, image_dim: 16, class_dim: 8 }
+        FitSettings {
+            d: 1024,
+            seed: 0x5eed_f322,
+            top_classes: 3,
+            image_dim: 16,
+            class_dim: 8,
+            stages: Vec::new(),
+            peaks: 8,
+            codewords: 64,
+        }
     }
 }
 
@@ -243,7 +513,7 @@ mod tests {
             .map(|i| (0..32).map(|j| ((i * 7 + j * 3) % 11) as f32 + (i as f32 * 0.1).sin()).collect())
             .collect();
         let labels = (0..10).map(|i| format!("c{i}")).collect();
-        fit_profile(&features, labels, &FitSettings::default(), "f".into(), "s".into()).unwrap()
+        fit_profile(&features, labels, &FitSettings::default(), "f".into(), "s".into(), Vec::new()).unwrap()
     }
 
     #[test]
@@ -264,5 +534,92 @@ mod tests {
         assert_eq!(p.modules_named("c7"), vec![8]);
         assert_eq!(p.modules_named("class:7"), vec![8]);
         assert!(p.modules_named("nope").is_empty());
+    }
+
+    #[test]
+    fn peaks_are_local_maxima_strongest_first() {
+        // 1 channel, 4 × 5: two plateaus and a lone maximum.
+        let v = [
+            0.0, 9.0, 0.0, 0.0, 0.0, //
+            0.0, 0.0, 0.0, 5.0, 0.0, //
+            0.0, 0.0, 0.0, 0.0, 0.0, //
+            7.0, 7.0, 0.0, 0.0, 1.0,
+        ];
+        let p = peaks(&[1, 4, 5], &v, 10).unwrap();
+        let at: Vec<(f32, f32, f32)> = p.iter().map(|p| (p.y * 4.0 - 0.5, p.x * 5.0 - 0.5, p.activation)).collect();
+        // The tie at (3,0)/(3,1) keeps the first in raster order.
+        assert_eq!(at, [(0.0, 1.0, 9.0), (3.0, 0.0, 7.0), (1.0, 3.0, 5.0), (3.0, 4.0, 1.0)]);
+        assert!(peaks(&[2, 2], &v, 1).is_err());
+        assert!(peaks(&[2, 4, 5], &v, 1).is_err());
+    }
+
+    /// A stages profile over synthetic tensors: two stages of 4 channels, codewords the axes.
+    fn stages_profile() -> SketchProfile {
+        let mut p = profile();
+        let axes: Vec<Vec<f32>> = (0..4).map(|i| (0..4).map(|j| if i == j { 1.0 } else { 0.0 }).collect()).collect();
+        let stage = |name: &str, peaks: usize| StageProfile {
+            name: name.into(),
+            output: name.into(),
+            peaks,
+            codebook: axes.clone(),
+            pca_mean: vec![0.0; 4],
+            pca_components: axes.clone(),
+            pca_variances: vec![1.0; 4],
+            activation_norm: 3.0,
+            attr_norm: 1.5,
+        };
+        p.recipe = "stages".into();
+        p.d = 4096;
+        p.stages = vec![stage("s1", 3), stage("s2", 6)];
+        p.modules = std::iter::once("image".to_string())
+            .chain(["s1", "s2"].iter().flat_map(|s| (0..4).map(move |c| format!("{s}:c{c:02}"))))
+            .collect();
+        p.validate().unwrap();
+        p
+    }
+
+    /// `C × H × W` values with channel `c` set to `a` at each `(y, x, c, a)`.
+    fn tensor(h: usize, w: usize, spots: &[(usize, usize, usize, f32)]) -> Vec<f32> {
+        let mut v = vec![0.0; 4 * h * w];
+        for &(y, x, c, a) in spots {
+            v[c * h * w + y * w + x] = a;
+        }
+        v
+    }
+
+    #[test]
+    fn the_stages_recipe_links_peaks_to_their_stronger_coarser_neighbours_and_decodes() {
+        let p = stages_profile();
+        let s1 = tensor(4, 4, &[(0, 0, 2, 8.0), (3, 3, 1, 6.0)]);
+        // Finer grid: two spots near (0,0) of s1, one near (3,3), one far from both parents' reach.
+        let s2 = tensor(8, 8, &[(0, 1, 0, 5.0), (2, 1, 3, 4.0), (7, 6, 2, 3.0), (0, 7, 1, 9.0)]);
+        let features: Vec<f32> = (0..32).map(|j| (j % 5) as f32).collect();
+        let (s1_shape, s2_shape, f_shape) = ([4usize, 4, 4], [4usize, 8, 8], [32usize]);
+        let get = |name: &str| match name {
+            "s1" => Some((&s1_shape[..], &s1[..])),
+            "s2" => Some((&s2_shape[..], &s2[..])),
+            "f" => Some((&f_shape[..], &features[..])),
+            _ => None,
+        };
+        let dag = p.record_dag(get).unwrap();
+        let name = |id: usize| p.modules[dag.nodes[id].module as usize].as_str();
+        let root = &dag.nodes[dag.top[0].0];
+        let kids: Vec<&str> = root.children.iter().map(|e| name(e.child)).collect();
+        assert_eq!(kids, ["s1:c02", "s1:c01"], "s1 peaks, strongest first");
+        let first = &dag.nodes[root.children[0].child];
+        let grand: Vec<&str> = first.children.iter().map(|e| name(e.child)).collect();
+        assert_eq!(grand, ["s2:c00", "s2:c03"], "the two s2 peaks within 1.5 cells of (0,0)");
+        let second = &dag.nodes[root.children[1].child];
+        assert_eq!(second.children.iter().map(|e| name(e.child)).collect::<Vec<_>>(), ["s2:c02"]);
+        // The s2 peak at (0,7) is strongest but out of every parent's reach.
+        let sk = p.sketcher().unwrap();
+        let dec = sk
+            .decode(&sk.sketch(&dag).unwrap(), DecodeOptions { max_depth: 2, max_per_slot: 1, refine: false })
+            .unwrap();
+        let at = |path: &[u16]| dec.iter().find(|x| x.path == path).map(|x| p.modules[x.module as usize].as_str());
+        assert_eq!(at(&[]), Some("image"));
+        assert_eq!(at(&[0]), Some("s1:c02"));
+        assert_eq!(at(&[1]), Some("s1:c01"));
+        assert!(p.record_dag(|n| if n == "s2" { None } else { get(n) }).unwrap_err().contains("s2"));
     }
 }

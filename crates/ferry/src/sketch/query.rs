@@ -107,7 +107,8 @@ impl Queries {
         let ids = self.set.profile.modules_named(module);
         if ids.is_empty() || ids.contains(&IMAGE_MODULE) {
             return Err(format!(
-                "{module:?} is not a class of this sketch set (try a label from the model's labels.txt, or class:N)"
+                "{module:?} is not a module of this sketch set (a label from the model's labels.txt or class:N; \
+                 for the stages recipe, <stage>:cNN)"
             ));
         }
         let rows: Vec<&SketchRow> = self.set.rows.iter().filter(|r| r.key.starts_with(prefix)).collect();
@@ -119,6 +120,9 @@ impl Queries {
                 mean_score: None,
                 mean_attributes: None,
             });
+        }
+        if !self.set.profile.stages.is_empty() {
+            return self.decoded_stats(module, &ids, &rows);
         }
         let kept = rows.iter().map(|r| r.sketch.len()).min().expect("not empty");
         let mut total = Sketch { data: vec![0.0; kept], full_dim: self.set.profile.d };
@@ -154,15 +158,42 @@ impl Queries {
         Ok(ClassStats { module: module.into(), records: rows.len(), count, mean_score, mean_attributes })
     }
 
+    /// Counts by decoding each record: for the stages recipe, whose objects sit at many paths
+    /// below modules that differ from record to record, so sums of sketches do not line up.
+    fn decoded_stats(&self, module: &str, ids: &[u32], rows: &[&SketchRow]) -> Result<ClassStats, String> {
+        let opts = DecodeOptions { max_depth: self.set.profile.depth(), max_per_slot: 1, refine: false };
+        let mut count = 0usize;
+        let mut sum: Vec<f32> = Vec::new();
+        for r in rows {
+            for x in self.sketcher.decode(&Self::sketch(r), opts).map_err(|e| e.to_string())? {
+                if ids.contains(&x.module) {
+                    count += 1;
+                    sum.resize(x.attr.len(), 0.0);
+                    sum.iter_mut().zip(&x.attr).for_each(|(s, v)| *s += v);
+                }
+            }
+        }
+        let mean = (count > 0).then(|| sum.iter().map(|v| v / count as f32).collect());
+        Ok(ClassStats {
+            module: module.into(),
+            records: rows.len(),
+            count: count as f32,
+            mean_score: None,
+            mean_attributes: mean,
+        })
+    }
+
     /// The object tree of one record.
     pub fn decode(&self, key: &str, record: Option<i64>) -> Result<Vec<DecodedObject>, String> {
         let row = self.find(key, record)?;
-        let opts = DecodeOptions { max_depth: 1, max_per_slot: self.set.profile.top_classes.max(1), refine: true };
+        let p = &self.set.profile;
+        let per_slot = if p.stages.is_empty() { p.top_classes.max(1) } else { 1 };
+        let opts = DecodeOptions { max_depth: p.depth(), max_per_slot: per_slot, refine: true };
         let found = self.sketcher.decode(&Self::sketch(row), opts).map_err(|e| e.to_string())?;
         Ok(found
             .into_iter()
             .map(|x| DecodedObject {
-                score: (x.module != IMAGE_MODULE).then(|| self.set.profile.score_of(&x.attr)),
+                score: (x.module != IMAGE_MODULE && p.stages.is_empty()).then(|| p.score_of(&x.attr)),
                 module: self.set.profile.modules[x.module as usize].clone(),
                 path: x.path,
                 parent: x.parent,

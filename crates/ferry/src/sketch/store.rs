@@ -222,6 +222,7 @@ mod tests {
             pca_variances: vec![1.0],
             image_norm: 1.0,
             class_norm: 1.0,
+            stages: Vec::new(),
             modules: vec!["image".into(), "a".into()],
             calibration_records: 1,
         };
