@@ -330,19 +330,25 @@ impl Pca {
     /// Coordinates of `x` along the components; divided by each component's standard deviation
     /// when `whiten`.
     pub fn project(&self, x: &[f32], whiten: bool) -> Vec<f32> {
-        self.components
-            .iter()
-            .zip(&self.variances)
-            .map(|(c, &var)| {
-                let v: f32 = c.iter().zip(x).zip(&self.mean).map(|((c, x), m)| c * (x - m)).sum();
-                if whiten {
-                    v / var.sqrt().max(1e-12)
-                } else {
-                    v
-                }
-            })
-            .collect()
+        project(&self.mean, &self.components, &self.variances, x, whiten)
     }
+}
+
+/// [`Pca::project`] on borrowed parts, for callers that keep them in their own structures.
+pub fn project(mean: &[f32], components: &[Vec<f32>], variances: &[f32], x: &[f32], whiten: bool) -> Vec<f32> {
+    let centred: Vec<f32> = x.iter().zip(mean).map(|(x, m)| x - m).collect();
+    components
+        .iter()
+        .zip(variances)
+        .map(|(c, &var)| {
+            let v: f32 = c.iter().zip(&centred).map(|(c, x)| c * x).sum();
+            if whiten {
+                v / var.sqrt().max(1e-12)
+            } else {
+                v
+            }
+        })
+        .collect()
 }
 
 fn top(eig: &SymmetricEigen<f64, nalgebra::Dyn>, k: usize) -> Vec<usize> {

@@ -24,7 +24,7 @@
 //! ordered slots (α = 1/√n); each peak holds the two strongest peaks of the next finer stage
 //! within 1.5 of its cells (α = 1/√2), which makes a DAG when two parents share a child.
 
-use ferry_sketch::learn::Pca;
+use ferry_sketch::learn::{project, Pca};
 use ferry_sketch::{Dag, ModuleSpec, Params, Sketcher};
 use serde::{Deserialize, Serialize};
 
@@ -168,19 +168,12 @@ pub fn peaks(shape: &[usize], values: &[f32], n: usize) -> Result<Vec<Peak>, Str
 }
 
 impl StageProfile {
-    fn pca(&self) -> Pca {
-        Pca {
-            mean: self.pca_mean.clone(),
-            components: self.pca_components.clone(),
-            variances: self.pca_variances.clone(),
-        }
-    }
-
     /// The attribute vector before normalisation.
     fn raw_attr(&self, p: &Peak) -> Vec<f32> {
         let mut v = vec![p.y - 0.5, p.x - 0.5, (1.0 + p.activation).ln() / self.activation_norm.max(1e-6)];
         let scale = ((STAGE_DIM - 3) as f32).sqrt();
-        v.extend(self.pca().project(&p.vector, true).into_iter().take(STAGE_DIM - 3).map(|z| z / scale));
+        let z = project(&self.pca_mean, &self.pca_components, &self.pca_variances, &p.vector, true);
+        v.extend(z.into_iter().take(STAGE_DIM - 3).map(|z| z / scale));
         v.resize(STAGE_DIM, 0.0);
         v
     }
@@ -305,17 +298,9 @@ impl SketchProfile {
         Ok(())
     }
 
-    fn pca(&self) -> Pca {
-        Pca {
-            mean: self.pca_mean.clone(),
-            components: self.pca_components.clone(),
-            variances: self.pca_variances.clone(),
-        }
-    }
-
     /// Whitened PCA coordinates of the features.
     pub fn project(&self, features: &[f32]) -> Vec<f32> {
-        self.pca().project(features, true)
+        project(&self.pca_mean, &self.pca_components, &self.pca_variances, features, true)
     }
 
     /// The object graph of one record from its pooled features and class probabilities.

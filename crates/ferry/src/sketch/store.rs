@@ -55,7 +55,9 @@ pub struct SketchRow {
 
 /// One object's rows as a Parquet file.
 pub fn write_parquet(rows: &[SketchRow], profile: &SketchProfile) -> Result<Vec<u8>, String> {
-    let schema = Arc::new(parse_message_type(SCHEMA).expect("the sketch schema parses"));
+    static SCHEMA_TYPE: std::sync::OnceLock<Arc<parquet::schema::types::Type>> = std::sync::OnceLock::new();
+    let schema =
+        SCHEMA_TYPE.get_or_init(|| Arc::new(parse_message_type(SCHEMA).expect("the sketch schema parses"))).clone();
     let meta = serde_json::json!({
         "format": profile.format,
         "recipe": profile.recipe,
