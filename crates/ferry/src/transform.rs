@@ -307,6 +307,8 @@ struct SketchWriter {
     sketcher: ferry_sketch::Sketcher,
     /// The model output index of each output the recipe reads.
     inputs: HashMap<String, usize>,
+    /// Where the sketch files go; set once the location is open.
+    store: Option<Arc<dyn ObjectStore>>,
 }
 
 impl SketchWriter {
@@ -380,7 +382,7 @@ fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
                 inputs.insert(name.clone(), position(&name)?);
             }
             hidden.extend(own_outputs(&profile).iter().map(|n| inputs[n]));
-            Some(SketchWriter { profile, sketcher, inputs })
+            Some(SketchWriter { profile, sketcher, inputs, store: None })
         }
     };
     let encoder = Encoder {
@@ -469,12 +471,14 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
         Some(url) => Some(Location::open(url, true, cfg.max_retries)?),
         None => None,
     };
-    if let (Some(set), Some(w)) = (&sketches, &prepared.sketch) {
+    let mut prepared = prepared;
+    if let (Some(set), Some(w)) = (&sketches, &mut prepared.sketch) {
         let body = serde_json::to_vec_pretty(&w.profile).expect("the profile serialises");
         set.store
             .put(&profile_key(set), body.into())
             .await
             .map_err(|e| JobError::Config(format!("writing the sketch profile to {}: {e}", set.url)))?;
+        w.store = Some(set.store.clone());
     }
     let runtime = prepared.runtime.clone();
     tracing::info!(model = %cfg.model.display(), %runtime, input = %input.url, output = %output.url, "starting transform");
@@ -613,11 +617,6 @@ async fn run_pipeline(
     let Prepared { runtime: _, instances, plan, encoder, sketch } = prepared;
     let encoder = Arc::new(encoder);
     let sketch = sketch.map(Arc::new);
-    let sketch_store = cfg.sketch.as_ref().map(|_| {
-        Location::open(cfg.sketch.as_deref().expect("checked"), true, cfg.max_retries)
-            .expect("the sketch location opened once already")
-            .store
-    });
     let item_shape = plan.item_shape();
     let (decode_tx, decode_rx) = async_channel::bounded::<DecodeJob>(cfg.decode_threads * 4);
     let (infer_tx, infer_rx) = crossbeam_channel::bounded::<Decoded>(cfg.threads * cfg.max_batch_size * 2);
@@ -753,8 +752,11 @@ async fn run_pipeline(
                     stats.clone(),
                     writer_tx.clone(),
                 );
-                let sketch_job = match (&sketch, &sketch_store, &items[id].sketch_key) {
-                    (Some(w), Some(s), Some(k)) => Some((w.clone(), s.clone(), k.clone(), items[id].relative.clone())),
+                let sketch_job = match (&sketch, &items[id].sketch_key) {
+                    (Some(w), Some(k)) => {
+                        let store = w.store.clone().expect("the sketch location is open before the pipeline starts");
+                        Some((w.clone(), store, k.clone(), items[id].relative.clone()))
+                    }
                     _ => None,
                 };
                 let part_size = cfg.part_size;
