@@ -91,8 +91,12 @@ impl Server {
     }
 
     fn transform(&self, args: &[&str]) -> std::process::Output {
+        self.ferry(&[&["transform"], args].concat())
+    }
+
+    fn ferry(&self, args: &[&str]) -> std::process::Output {
         let mut c = ferry();
-        c.arg("transform").args(args);
+        c.args(args);
         for (k, v) in &self.env {
             c.env(k, v);
         }
@@ -194,4 +198,75 @@ fn a_large_output_is_uploaded_in_parts() {
             assert!((got - px[c] as f64 / 255.0).abs() < 1e-6, "channel {c} at ({x}, {y}): {got}");
         }
     }
+}
+
+#[test]
+fn sketches_are_fitted_written_and_queried_on_s3() {
+    let s = server();
+    let store = s.store();
+    let run = format!("sk-{}-{}", std::process::id(), std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos());
+    let local = tempfile::tempdir().unwrap();
+    make_variants(local.path(), 12);
+    block_on(async {
+        for f in files(local.path()) {
+            let bytes = std::fs::read(local.path().join(&f)).unwrap();
+            store.put(&Path::from(format!("{run}/images/{f}")), bytes.into()).await.unwrap();
+        }
+    });
+    let (input, output, set, small) = (
+        format!("s3://{}/{run}/images", s.bucket),
+        format!("s3://{}/{run}/out", s.bucket),
+        format!("s3://{}/{run}/sketches", s.bucket),
+        format!("s3://{}/{run}/small", s.bucket),
+    );
+    let model = mobilenet();
+    let model = model.to_str().unwrap();
+    let profile = local.path().join("profile.json");
+    let ok = |o: std::process::Output| {
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    ok(s.ferry(&["sketch", "fit", "--model", model, "--input", &input, "--output", profile.to_str().unwrap()]));
+    let p = profile.to_str().unwrap();
+    ok(s.transform(&[
+        "--model",
+        model,
+        "--input",
+        &input,
+        "--output",
+        &output,
+        "--top-k",
+        "1",
+        "--sketch",
+        &set,
+        "--sketch-profile",
+        p,
+    ]));
+    let listed: Vec<String> = block_on(async {
+        use futures::TryStreamExt;
+        let metas: Vec<_> = store.list(Some(&Path::from(format!("{run}/sketches")))).try_collect().await.unwrap();
+        metas.into_iter().map(|m| m.location.to_string()).collect()
+    });
+    assert_eq!(listed.iter().filter(|k| k.ends_with(".jpg.parquet")).count(), 48, "{listed:?}");
+    assert!(listed.contains(&format!("{run}/sketches/_ferry/sketch_profile.json")));
+
+    let hits = ok(s.ferry(&["sketch", "similar", "--sketches", &set, "--to", "coffee/coffee_003.jpg", "-k", "5"]));
+    for line in hits.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(v["key"].as_str().unwrap().starts_with("coffee/"), "{hits}");
+    }
+    let count: f64 =
+        ok(s.ferry(&["sketch", "count", "--sketches", &set, "--module", "espresso"])).trim().parse().unwrap();
+    let predicted = (0..12)
+        .filter(|v| {
+            let key = Path::from(format!("{run}/out/coffee/coffee_{v:03}.jpg.out"));
+            let bytes = block_on(async { store.get(&key).await.unwrap().bytes().await.unwrap() });
+            String::from_utf8_lossy(&bytes).contains("\"espresso\"")
+        })
+        .count() as f64;
+    assert!((count - predicted).abs() <= 0.1 * predicted.max(10.0), "sketch count {count}, predicted {predicted}");
+    ok(s.ferry(&["sketch", "erase", "--sketches", &set, "--keep", "512", "--output", &small]));
+    let count: f64 =
+        ok(s.ferry(&["sketch", "count", "--sketches", &small, "--module", "espresso"])).trim().parse().unwrap();
+    assert!((count - predicted).abs() <= 0.2 * predicted.max(10.0), "after erasure {count}, predicted {predicted}");
 }
