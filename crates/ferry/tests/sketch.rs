@@ -24,6 +24,23 @@ fn predictions(out: &Path) -> BTreeMap<String, (String, f64)> {
         .collect()
 }
 
+/// `ferry transform --top-k 1` with sketches written to `set`.
+fn sketch_job(
+    model: &str,
+    input: &Path,
+    output: &Path,
+    set: &Path,
+    profile: &Path,
+    extra: &[&str],
+) -> std::process::Output {
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let (input, output, set, profile) = (s(input), s(output), s(set), s(profile));
+    let mut args = vec!["--model", model, "--input", &input, "--output", &output, "--top-k", "1"];
+    args.extend(["--sketch", set.as_str(), "--sketch-profile", profile.as_str()]);
+    args.extend(extra);
+    transform(&args)
+}
+
 fn source(key: &str) -> &str {
     key.split('/').next().unwrap()
 }
@@ -62,20 +79,7 @@ fn sketches_answer_similarity_and_counts_without_the_model() {
     assert_eq!(p["modules"].as_array().unwrap().len(), 1001);
 
     let (outputs, set) = (tmp.path().join("out"), tmp.path().join("sketches"));
-    let run = transform(&[
-        "--model",
-        model,
-        "--input",
-        images.to_str().unwrap(),
-        "--output",
-        outputs.to_str().unwrap(),
-        "--top-k",
-        "1",
-        "--sketch",
-        set.to_str().unwrap(),
-        "--sketch-profile",
-        profile.to_str().unwrap(),
-    ]);
+    let run = sketch_job(model, &images, &outputs, &set, &profile, &[]);
     assert!(run.status.success());
     let preds = predictions(&outputs);
     assert_eq!(preds.len(), 4 * PER_SOURCE);
@@ -183,22 +187,7 @@ fn sketches_answer_similarity_and_counts_without_the_model() {
 
     // Sketches do not depend on batching: a second run at another batch size writes the same vectors.
     let (outputs2, set2) = (tmp.path().join("out2"), tmp.path().join("sketches2"));
-    let run = transform(&[
-        "--model",
-        model,
-        "--input",
-        images.join("rocket").to_str().unwrap(),
-        "--output",
-        outputs2.to_str().unwrap(),
-        "--top-k",
-        "1",
-        "--sketch",
-        set2.to_str().unwrap(),
-        "--sketch-profile",
-        profile.to_str().unwrap(),
-        "--max-batch-size",
-        "3",
-    ]);
+    let run = sketch_job(model, &images.join("rocket"), &outputs2, &set2, &profile, &["--max-batch-size", "3"]);
     assert!(run.status.success());
     for v in [0, 17, 49] {
         let f = format!("rocket_{v:03}.jpg.parquet");
@@ -282,20 +271,7 @@ fn the_stages_recipe_sketches_intermediate_objects_from_the_same_pass() {
     assert_eq!(p["modules"].as_array().unwrap().len(), 1 + 3 * 64);
 
     let (outputs, set) = (tmp.path().join("out"), tmp.path().join("sketches"));
-    let run = transform(&[
-        "--model",
-        model,
-        "--input",
-        images.to_str().unwrap(),
-        "--output",
-        outputs.to_str().unwrap(),
-        "--top-k",
-        "1",
-        "--sketch",
-        set.to_str().unwrap(),
-        "--sketch-profile",
-        profile.to_str().unwrap(),
-    ]);
+    let run = sketch_job(model, &images, &outputs, &set, &profile, &[]);
     assert!(run.status.success());
     // The stage tensors are read for the sketch, not written.
     let body = json(&outputs.join("coffee/coffee_003.jpg.out"));
