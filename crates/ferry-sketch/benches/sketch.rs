@@ -8,10 +8,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use ferry_sketch::{Dag, DecodeOptions, ModuleSpec, NodeId, Params, Sketcher};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use rand_distr::StandardNormal;
+use ferry_sketch::{Dag, DecodeOptions, ModuleSpec, Params, Sketcher};
+
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 struct Workload {
     name: &'static str,
@@ -28,19 +28,6 @@ const WORKLOADS: [Workload; 2] = [
     Workload { name: "d4096", d: 4096, k: 16, m: 64, fan: 2, depth: 4, trees: 50 },
 ];
 
-fn grow(dag: &mut Dag, r: &mut StdRng, w: &Workload, depth: usize) -> NodeId {
-    let x: Vec<f32> = (0..w.k).map(|_| r.sample::<f32, _>(StandardNormal)).collect();
-    let n = x.iter().map(|v| v * v).sum::<f32>().sqrt();
-    let id = dag.add(r.random_range(0..w.m as u32), x.into_iter().map(|v| v / n).collect());
-    if depth > 0 {
-        for j in 0..w.fan {
-            let c = grow(dag, r, w, depth - 1);
-            dag.link(id, j, 1.0 / w.fan as f32, c);
-        }
-    }
-    id
-}
-
 /// Microseconds per tree (best of rounds) for construction and for a full decode.
 fn run(w: &Workload) -> (f64, f64, f64) {
     let sk = Sketcher::new(
@@ -48,15 +35,9 @@ fn run(w: &Workload) -> (f64, f64, f64) {
         &vec![ModuleSpec { attr_dim: w.k, n_slots: w.fan }; w.m],
     )
     .unwrap();
-    let mut r = StdRng::seed_from_u64(2);
-    let forest: Vec<Dag> = (0..w.trees)
-        .map(|_| {
-            let mut dag = Dag::default();
-            let root = grow(&mut dag, &mut r, w, w.depth);
-            dag.top.push((root, 1.0));
-            dag
-        })
-        .collect();
+    let mut r = common::rng(2);
+    let forest: Vec<Dag> =
+        (0..w.trees).map(|_| common::random_tree(&mut r, w.m, w.k, w.fan, w.depth, 1.0 / w.fan as f32).dag).collect();
     // Build every matrix once, as the peer does before it is timed.
     for t in &forest {
         sk.decode(&sk.sketch(t).unwrap(), DecodeOptions { max_depth: w.depth, ..Default::default() }).unwrap();

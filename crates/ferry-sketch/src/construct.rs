@@ -64,11 +64,15 @@ impl Sketcher {
         dags.iter()
             .map(|dag| {
                 let mut out = vec![0.0f32; d];
+                let mut top_weight = vec![0.0f32; dag.nodes.len()];
+                for &(id, w) in &dag.top {
+                    if let Some(t) = top_weight.get_mut(id) {
+                        *t += w;
+                    }
+                }
                 self.walk(dag, None, &mut pool, |id, s| {
-                    for &(top, w) in &dag.top {
-                        if top == id {
-                            crate::vector::axpy(&mut out, w, s);
-                        }
+                    if top_weight[id] != 0.0 {
+                        crate::vector::axpy(&mut out, top_weight[id], s);
                     }
                 })?;
                 Ok(Sketch { data: out, full_dim: d })
@@ -120,7 +124,8 @@ impl Sketcher {
             coef.clear();
             coef.push(c);
             coef.extend_from_slice(&node.attr);
-            crate::vector::combine_into(&mut s, &self.embedding(node.module).cols, &coef);
+            s.fill(0.0);
+            crate::vector::combine(&mut s, &self.embedding(node.module).cols, &coef);
             for e in &node.children {
                 let child = own[e.child].as_deref().expect("children come first in post order");
                 self.rotation(node.module, e.slot).apply_add(child, e.weight, &mut s);

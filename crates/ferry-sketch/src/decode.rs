@@ -123,8 +123,7 @@ impl Sketcher {
             return Err(Error::Dag(format!("module {m} has {} slots, slot {slot} was asked for", spec.n_slots)));
         }
         let mut r = v.clone();
-        let z = self.fit(&r, &[m]);
-        self.subtract(&mut r, &[m], &z);
+        self.fit_remove(&mut r, m);
         Ok(self.slot_view(&r, m, slot))
     }
 
@@ -135,9 +134,9 @@ impl Sketcher {
 
     /// The greedy recursive decoder, from any level (a top-level view or an unrolled slot).
     ///
-    /// Slots are probed level by level, and the first round of module scores of every probe in a
-    /// level is one matrix product: scanning the `m × d` presence vectors once per level rather
-    /// than once per probe is what decoding time is made of.
+    /// Slots are probed level by level, and the first round of module scores is computed for all
+    /// the probes of a level together, reading each presence vector once per four probes rather
+    /// than once per probe: scanning the `m × d` presence vectors is most of decoding's time.
     pub fn decode_view(&self, v: &View, opts: DecodeOptions) -> Vec<Decoded> {
         let mut out = Vec::new();
         let tau = self.tau_sigmas() * v.sigma;
@@ -199,11 +198,12 @@ impl Sketcher {
                 break;
             }
             let m = m as u32;
-            let z = self.fit(&u, &[m]);
+            let cols = self.columns(&u, &[m]);
+            let z = self.fit_columns(&u, &cols, 1);
             if z[0] / c < tau as f64 {
                 break;
             }
-            self.subtract(&mut u, &[m], &z);
+            subtract(&mut u, &cols, &z);
             found.push((m, z));
         }
         let rest = Arc::new(u);
@@ -253,14 +253,7 @@ impl Sketcher {
                 for &(m, slot) in &chain {
                     c = self.rotation(m, slot).apply(&c);
                 }
-                if let Some(mask) = &v.mask {
-                    c.iter_mut().zip(mask).for_each(|(x, &k)| {
-                        if !k {
-                            *x = 0.0
-                        }
-                    });
-                }
-                cols.push(Cow::Owned(c));
+                cols.push(Cow::Owned(masked(&c, v.mask.as_deref()).into_owned()));
             }
         }
         let rhs = cols.iter().map(|c| vector::dot(c, &v.data) as f64).collect();
@@ -290,33 +283,35 @@ impl Sketcher {
 
     /// The embedding columns of `modules`, restricted to the valid coordinates of `v`.
     fn columns<'a>(&'a self, v: &View, modules: &[u32]) -> Vec<Cow<'a, [f32]>> {
-        let mut cols = Vec::new();
-        for &m in modules {
-            for col in &self.embedding(m).cols {
-                cols.push(match &v.mask {
-                    None => Cow::Borrowed(col.as_slice()),
-                    Some(mask) => Cow::Owned(col.iter().zip(mask).map(|(&x, &k)| if k { x } else { 0.0 }).collect()),
-                });
-            }
-        }
-        cols
+        modules.iter().flat_map(|&m| self.embedding(m).cols.iter().map(|col| masked(col, v.mask.as_deref()))).collect()
     }
 
     /// Least squares `argmin_z ‖u − [R_m…] z‖` over the valid coordinates. The blocks are
     /// nearly orthogonal by construction, so the normal equations are well conditioned.
     pub(crate) fn fit(&self, v: &View, modules: &[u32]) -> Vec<f64> {
         let cols = self.columns(v, modules);
-        let rhs: Vec<f64> = cols.iter().map(|c| vector::dot(c, &v.data) as f64).collect();
-        if v.mask.is_none() && modules.len() == 1 && self.params().embedding == EmbeddingKind::Orthonormal {
-            return rhs;
-        }
-        solve_normal(&cols, rhs)
+        self.fit_columns(v, &cols, modules.len())
     }
 
-    fn subtract(&self, v: &mut View, modules: &[u32], z: &[f64]) {
+    /// [`Sketcher::fit`] on columns already gathered for `blocks` modules.
+    fn fit_columns(&self, v: &View, cols: &[Cow<'_, [f32]>], blocks: usize) -> Vec<f64> {
+        let rhs: Vec<f64> = cols.iter().map(|c| vector::dot(c, &v.data) as f64).collect();
+        if v.mask.is_none() && blocks == 1 && self.params().embedding == EmbeddingKind::Orthonormal {
+            return rhs;
+        }
+        solve_normal(cols, rhs)
+    }
+
+    /// Fits module `m`'s block and removes it from `v`.
+    fn fit_remove(&self, v: &mut View, m: u32) {
+        let cols = self.columns(v, &[m]);
+        let z = self.fit_columns(v, &cols, 1);
+        subtract(v, &cols, &z);
+    }
+
+    fn subtract_blocks(&self, v: &mut View, modules: &[u32], z: &[f64]) {
         let cols = self.columns(v, modules);
-        let coef: Vec<f32> = z.iter().map(|&zi| -(zi as f32)).collect();
-        vector::combine(&mut v.data, &cols, &coef);
+        subtract(v, &cols, z);
     }
 
     fn estimate(&self, m: u32, z: &[f64]) -> BlockEstimate {
@@ -367,7 +362,7 @@ impl Sketcher {
         while chosen.len() < max_modules {
             let mut r = v.clone();
             if !chosen.is_empty() {
-                self.subtract(&mut r, &chosen, &z);
+                self.subtract_blocks(&mut r, &chosen, &z);
             }
             let sigma = vector::norm(&r.data) * (r.data.len() as f32 / r.valid as f32).sqrt() / (r.valid as f32).sqrt();
             let scores = self.scores(&r);
@@ -394,6 +389,20 @@ impl Sketcher {
         }
         out
     }
+}
+
+/// `col` with the coordinates outside `mask` zeroed (borrowed when nothing is masked).
+fn masked<'a>(col: &'a [f32], mask: Option<&[bool]>) -> Cow<'a, [f32]> {
+    match mask {
+        None => Cow::Borrowed(col),
+        Some(mask) => Cow::Owned(col.iter().zip(mask).map(|(&x, &k)| if k { x } else { 0.0 }).collect()),
+    }
+}
+
+/// `v -= Σ z_i · cols_i`
+fn subtract(v: &mut View, cols: &[Cow<'_, [f32]>], z: &[f64]) {
+    let coef: Vec<f32> = z.iter().map(|&zi| -(zi as f32)).collect();
+    vector::combine(&mut v.data, cols, &coef);
 }
 
 /// Solves `(AᵀA) z = rhs` for the columns of `A`.

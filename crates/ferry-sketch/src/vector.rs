@@ -79,29 +79,6 @@ pub(crate) fn combine<C: AsRef<[f32]>>(y: &mut [f32], cols: &[C], coef: &[f32]) 
     }
 }
 
-/// `y = Σ_j a_j · x_j` (`y` is overwritten; `cols` is not empty).
-#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
-pub(crate) fn combine_into<C: AsRef<[f32]>>(y: &mut [f32], cols: &[C], coef: &[f32]) {
-    const BLOCK: usize = 512;
-    let mut start = 0;
-    while start < y.len() {
-        let end = (start + BLOCK).min(y.len());
-        let yb = &mut y[start..end];
-        let a0 = coef[0];
-        for (y, x) in yb.iter_mut().zip(&cols[0].as_ref()[start..end]) {
-            *y = a0 * x;
-        }
-        for (col, &a) in cols[1..].iter().zip(&coef[1..]) {
-            if a != 0.0 {
-                for (y, x) in yb.iter_mut().zip(&col.as_ref()[start..end]) {
-                    *y += a * x;
-                }
-            }
-        }
-        start = end;
-    }
-}
-
 /// `y[i] += a · sign[i] · x[idx[i]]`: a signed permutation applied by gathering.
 #[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 pub(crate) fn gather_add(y: &mut [f32], a: f32, x: &[f32], idx: &[u32], sign: &[f32]) {

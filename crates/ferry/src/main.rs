@@ -337,7 +337,6 @@ fn main() -> ExitCode {
 async fn sketch(cmd: SketchCommand) -> Result<(), String> {
     use ferry::sketch::query::{erase, Queries};
     use ferry::sketch::store::SketchSet;
-    let json = |v: &dyn erased::Json| println!("{}", v.to_json());
     let load = |set: SetArgs| async move { SketchSet::load(&set.sketches, set.max_retries).await };
     match cmd {
         SketchCommand::Fit(a) => {
@@ -409,16 +408,9 @@ async fn sketch(cmd: SketchCommand) -> Result<(), String> {
     Ok(())
 }
 
-mod erased {
-    /// Anything printable as one JSON line.
-    pub(crate) trait Json {
-        fn to_json(&self) -> String;
-    }
-    impl<T: serde::Serialize> Json for T {
-        fn to_json(&self) -> String {
-            serde_json::to_string(self).expect("query results serialise")
-        }
-    }
+/// Prints one query result as a JSON line.
+fn json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string(v).expect("query results serialise"));
 }
 
 fn summarise(r: &JobReport) -> ExitCode {

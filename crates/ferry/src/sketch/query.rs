@@ -133,14 +133,13 @@ impl Queries {
         let view = sk.view(&total).map_err(|e| e.to_string())?;
         let slot = sk.unroll(&view, IMAGE_MODULE, 0).map_err(|e| e.to_string())?;
         let k = self.set.profile.class_dim + 1;
-        let mut modules: Vec<u32> = sk.decode_aggregate(&slot, kept / (2 * k)).into_iter().map(|e| e.module).collect();
+        // Leave room in the joint fit for the modules asked about.
+        let room = (kept / (2 * k)).saturating_sub(ids.len());
+        let mut modules: Vec<u32> = sk.decode_aggregate(&slot, room).into_iter().map(|e| e.module).collect();
         for id in &ids {
             if !modules.contains(id) {
                 modules.push(*id);
             }
-        }
-        while 2 * modules.len() * k > kept && modules.len() > ids.len() {
-            modules.remove(0);
         }
         let est: Vec<BlockEstimate> = sk.joint(&slot, &modules).map_err(|e| e.to_string())?;
         let mine: Vec<&BlockEstimate> = est.iter().filter(|e| ids.contains(&e.module)).collect();
