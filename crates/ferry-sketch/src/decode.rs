@@ -56,8 +56,14 @@ impl Default for DecodeOptions {
     }
 }
 
+/// An object found in a slot: its module, its block `[c·w ; w·x]`, and the slot's residual with
+/// every found object's block removed.
+type Found = (u32, Vec<f64>, Arc<View>);
+
 /// A slot waiting to be scored.
 struct Probe {
+    /// Which of the decoded views it belongs to.
+    tree: usize,
     view: View,
     parent: Option<usize>,
     path: Vec<u16>,
@@ -132,49 +138,92 @@ impl Sketcher {
         Ok(self.decode_view(&self.view(s)?, opts))
     }
 
+    /// The greedy recursive decoder of many stored sketches; each result is the one
+    /// [`Sketcher::decode`] gives for that sketch alone, found faster together (see
+    /// [`Sketcher::decode_views`]).
+    pub fn decode_batch(&self, sketches: &[Sketch], opts: DecodeOptions) -> Result<Vec<Vec<Decoded>>> {
+        let views = sketches.iter().map(|s| self.view(s)).collect::<Result<Vec<_>>>()?;
+        Ok(self.decode_views(&views, opts))
+    }
+
     /// The greedy recursive decoder, from any level (a top-level view or an unrolled slot).
-    ///
-    /// Slots are probed level by level, and the first round of module scores is computed for all
-    /// the probes of a level together, reading each presence vector once per four probes rather
-    /// than once per probe: scanning the `m × d` presence vectors is most of decoding's time.
     pub fn decode_view(&self, v: &View, opts: DecodeOptions) -> Vec<Decoded> {
-        let mut out = Vec::new();
-        let tau = self.tau_sigmas() * v.sigma;
-        if tau > 0.0 {
-            let mut level = vec![Probe { view: v.clone(), parent: None, path: Vec::new() }];
-            for depth in 0..=opts.max_depth {
-                if level.is_empty() {
-                    break;
-                }
-                let first = self.scores_many(&level);
-                let mut next = Vec::new();
-                for (probe, scores) in level.into_iter().zip(first) {
-                    let found = self.probe(probe.view, scores, opts.max_per_slot, tau);
-                    for (m, z, rest) in found {
-                        let w = z[0] / self.params().c as f64;
-                        let idx = out.len();
-                        out.push(Decoded {
-                            parent: probe.parent,
-                            path: probe.path.clone(),
-                            module: m,
-                            weight: w as f32,
-                            attr: z[1..].iter().map(|v| (v / w) as f32).collect(),
+        self.decode_views(std::slice::from_ref(v), opts).remove(0)
+    }
+
+    /// The greedy recursive decoder of many views at once.
+    ///
+    /// Slots are probed level by level, across all the views together. Scoring every module
+    /// against every probe of a level is one matrix product (`m × d` presence vectors times
+    /// `d × probes`), done by a blocked GEMM that reads the presence vectors once per level
+    /// instead of once per probe; that scan is most of decoding's arithmetic. The probes are then
+    /// fitted in the order of the module they found, so that consecutive fits share an
+    /// embedding while it is in cache. Every probe's numbers depend only on that probe, so a
+    /// view decodes the same alone or in a batch.
+    pub fn decode_views(&self, views: &[View], opts: DecodeOptions) -> Vec<Vec<Decoded>> {
+        let mut out: Vec<Vec<Decoded>> = vec![Vec::new(); views.len()];
+        let taus: Vec<f32> = views.iter().map(|v| self.tau_sigmas() * v.sigma).collect();
+        let mut level: Vec<Probe> = views
+            .iter()
+            .enumerate()
+            .filter(|(t, _)| taus[*t] > 0.0)
+            .map(|(tree, v)| Probe { tree, view: v.clone(), parent: None, path: Vec::new() })
+            .collect();
+        let c = self.params().c as f64;
+        for depth in 0..=opts.max_depth {
+            if level.is_empty() {
+                break;
+            }
+            let first = self.scores_many(&level);
+            let best: Vec<usize> = first
+                .iter()
+                .map(|s| s.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(m, _)| m))
+                .collect();
+            let mut order: Vec<usize> = (0..level.len()).collect();
+            order.sort_by_key(|&i| best[i]);
+            let mut found: Vec<Vec<Found>> = vec![Vec::new(); level.len()];
+            let mut scores: Vec<Option<Vec<f32>>> = first.into_iter().map(Some).collect();
+            for i in order {
+                let view = std::mem::replace(&mut level[i].view, View::empty());
+                let tau = taus[level[i].tree];
+                found[i] = self.probe(view, scores[i].take().expect("scored once"), opts.max_per_slot, tau);
+            }
+            let mut next = Vec::new();
+            for (probe, found) in level.into_iter().zip(found) {
+                let tree = &mut out[probe.tree];
+                for (m, z, rest) in found {
+                    let w = z[0] / c;
+                    let idx = tree.len();
+                    tree.push(Decoded {
+                        parent: probe.parent,
+                        path: probe.path.clone(),
+                        module: m,
+                        weight: w as f32,
+                        attr: z[1..].iter().map(|v| (v / w) as f32).collect(),
+                    });
+                    if depth == opts.max_depth {
+                        continue;
+                    }
+                    for j in 0..self.modules()[m as usize].n_slots {
+                        let mut path = probe.path.clone();
+                        path.push(j as u16);
+                        next.push(Probe {
+                            tree: probe.tree,
+                            view: self.slot_view(&rest, m, j),
+                            parent: Some(idx),
+                            path,
                         });
-                        if depth == opts.max_depth {
-                            continue;
-                        }
-                        for j in 0..self.modules()[m as usize].n_slots {
-                            let mut path = probe.path.clone();
-                            path.push(j as u16);
-                            next.push(Probe { view: self.slot_view(&rest, m, j), parent: Some(idx), path });
-                        }
                     }
                 }
-                level = next;
             }
+            level = next;
         }
-        if opts.refine && out.len() > 1 {
-            self.refine(v, &mut out);
+        if opts.refine {
+            for (v, found) in views.iter().zip(&mut out) {
+                if found.len() > 1 {
+                    self.refine(v, found);
+                }
+            }
         }
         out
     }
@@ -182,7 +231,7 @@ impl Sketcher {
     /// Matching pursuit over modules in one slot, starting from precomputed scores. Returns each
     /// object found with its block and the residual its children are read from (every found
     /// object's own block removed).
-    fn probe(&self, mut u: View, mut scores: Vec<f32>, max: usize, tau: f32) -> Vec<(u32, Vec<f64>, Arc<View>)> {
+    fn probe(&self, mut u: View, mut scores: Vec<f32>, max: usize, tau: f32) -> Vec<Found> {
         let c = self.params().c as f64;
         let mut found = Vec::new();
         for round in 0..max {
@@ -210,31 +259,46 @@ impl Sketcher {
         found.into_iter().map(|(m, z)| (m, z, rest.clone())).collect()
     }
 
-    /// First-round scores of many probes: `(d/d')·⟨r_M, u⟩/c` for each, reading each presence
-    /// vector once for four probes.
+    /// First-round scores of many probes, `(d/d')·⟨r_M, u⟩/c` for each: one GEMM of the probes
+    /// (`probes × d`) with the presence vectors (`d × m`).
     fn scores_many(&self, probes: &[Probe]) -> Vec<Vec<f32>> {
-        let m = self.modules().len();
-        let n = probes.len();
-        let mut out: Vec<Vec<f32>> = vec![vec![0.0; m]; n];
-        for module in 0..m {
-            let r = self.presence(module as u32);
-            let mut g = 0;
-            while g + 4 <= n {
-                let dots = vector::dot4(r, [0, 1, 2, 3].map(|k| probes[g + k].view.data.as_slice()));
-                for (k, v) in dots.into_iter().enumerate() {
-                    out[g + k][module] = v;
-                }
-                g += 4;
-            }
-            for (i, o) in out.iter_mut().enumerate().skip(g) {
-                o[module] = vector::dot(r, &probes[i].view.data);
-            }
+        let (m, d, n) = (self.modules().len(), self.dim(), probes.len());
+        let mut u = Vec::with_capacity(n * d);
+        for p in probes {
+            u.extend_from_slice(&p.view.data);
         }
-        for (o, p) in out.iter_mut().zip(probes) {
-            let f = p.view.scale() / self.params().c;
-            o.iter_mut().for_each(|v| *v *= f);
+        let mut scores = vec![0.0f32; n * m];
+        let presence = self.presence_matrix();
+        assert!(u.len() == n * d && presence.len() == m * d);
+        // SAFETY: `u` is `n × d` and `presence` is `m × d`, both row-major, so `presence` read
+        // with strides (1, d) is `d × m`; `scores` is `n × m` row-major and its strides do not
+        // alias.
+        unsafe {
+            matrixmultiply::sgemm(
+                n,
+                d,
+                m,
+                1.0,
+                u.as_ptr(),
+                d as isize,
+                1,
+                presence.as_ptr(),
+                1,
+                d as isize,
+                0.0,
+                scores.as_mut_ptr(),
+                m as isize,
+                1,
+            );
         }
-        out
+        scores
+            .chunks_exact(m.max(1))
+            .zip(probes)
+            .map(|(row, p)| {
+                let f = p.view.scale() / self.params().c;
+                row.iter().map(|v| v * f).collect()
+            })
+            .collect()
     }
 
     /// Joint least squares of all found objects' blocks, each carried to the level of `v`

@@ -119,6 +119,11 @@ impl View {
         View { data, mask, valid: kept, sigma }
     }
 
+    /// A placeholder with no coordinates.
+    pub(crate) fn empty() -> Self {
+        View { data: Vec::new(), mask: None, valid: 0, sigma: 0.0 }
+    }
+
     /// The global noise level σ used for thresholds.
     pub fn sigma(&self) -> f32 {
         self.sigma

@@ -85,7 +85,9 @@ impl Rotation {
 
     /// `out += a · Q v`
     pub(crate) fn apply_add(&self, v: &[f32], a: f32, out: &mut [f32]) {
-        vector::gather_add(out, a, v, &self.inv, &self.inv_sign);
+        assert_eq!(v.len(), self.perm.len(), "rotation of a vector of another dimension");
+        // SAFETY: `inv` is a permutation of `0..d` and `v` has length `d`.
+        unsafe { vector::gather_add(out, a, v, &self.inv, &self.inv_sign) };
     }
 
     /// `Q v`
@@ -97,8 +99,10 @@ impl Rotation {
 
     /// `Qᵀ u`
     pub(crate) fn apply_t(&self, u: &[f32]) -> Vec<f32> {
+        assert_eq!(u.len(), self.perm.len(), "rotation of a vector of another dimension");
         let mut out = vec![0.0; u.len()];
-        vector::gather_add(&mut out, 1.0, u, &self.perm, &self.sign);
+        // SAFETY: `perm` is a permutation of `0..d` and `u` has length `d`.
+        unsafe { vector::gather_add(&mut out, 1.0, u, &self.perm, &self.sign) };
         out
     }
 
@@ -181,6 +185,11 @@ impl Sketcher {
     pub fn presence(&self, m: u32) -> &[f32] {
         let d = self.params.d;
         &self.presence[m as usize * d..(m as usize + 1) * d]
+    }
+
+    /// All presence vectors, `m × d` row-major.
+    pub(crate) fn presence_matrix(&self) -> &[f32] {
+        &self.presence
     }
 
     /// The decoder threshold in units of σ.

@@ -23,34 +23,6 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Four dot products sharing one operand: `[⟨a,b0⟩, ⟨a,b1⟩, ⟨a,b2⟩, ⟨a,b3⟩]`, reading `a` once.
-#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
-pub(crate) fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
-    let (mut s0, mut s1, mut s2, mut s3) = ([0.0f32; 8], [0.0f32; 8], [0.0f32; 8], [0.0f32; 8]);
-    let chunks = a
-        .chunks_exact(8)
-        .zip(b[0].chunks_exact(8))
-        .zip(b[1].chunks_exact(8))
-        .zip(b[2].chunks_exact(8))
-        .zip(b[3].chunks_exact(8));
-    for ((((x, y0), y1), y2), y3) in chunks {
-        for l in 0..8 {
-            s0[l] += x[l] * y0[l];
-            s1[l] += x[l] * y1[l];
-            s2[l] += x[l] * y2[l];
-            s3[l] += x[l] * y3[l];
-        }
-    }
-    let n = a.len() / 8 * 8;
-    let tail = |y: &[f32]| a[n..].iter().zip(&y[n..]).map(|(x, y)| x * y).sum::<f32>();
-    [
-        s0.iter().sum::<f32>() + tail(b[0]),
-        s1.iter().sum::<f32>() + tail(b[1]),
-        s2.iter().sum::<f32>() + tail(b[2]),
-        s3.iter().sum::<f32>() + tail(b[3]),
-    ]
-}
-
 /// `y += a * x`
 #[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
@@ -60,31 +32,47 @@ pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
-/// `y += Σ_j a_j · x_j`, in blocks small enough that `y` stays in L1 across the columns.
+/// `y += Σ_j a_j · x_j`. Rows are taken 64 at a time and held in registers across all the
+/// columns, so `y` is loaded and stored once rather than once per column; each element still sees
+/// the columns in order, so the result does not depend on the blocking.
 #[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 pub(crate) fn combine<C: AsRef<[f32]>>(y: &mut [f32], cols: &[C], coef: &[f32]) {
-    const BLOCK: usize = 512;
+    const R: usize = 128;
+    let n = y.len();
+    let cols: Vec<(&[f32], f32)> =
+        cols.iter().zip(coef).filter(|(_, &a)| a != 0.0).map(|(c, &a)| (&c.as_ref()[..n], a)).collect();
     let mut start = 0;
-    while start < y.len() {
-        let end = (start + BLOCK).min(y.len());
-        let yb = &mut y[start..end];
-        for (col, &a) in cols.iter().zip(coef) {
-            if a != 0.0 {
-                for (y, x) in yb.iter_mut().zip(&col.as_ref()[start..end]) {
-                    *y += a * x;
-                }
+    while start + R <= n {
+        let mut acc = [0.0f32; R];
+        acc.copy_from_slice(&y[start..start + R]);
+        for &(col, a) in &cols {
+            let x: &[f32; R] = col[start..start + R].try_into().expect("R floats");
+            for l in 0..R {
+                acc[l] += a * x[l];
             }
         }
-        start = end;
+        y[start..start + R].copy_from_slice(&acc);
+        start += R;
+    }
+    for (i, y) in y.iter_mut().enumerate().skip(start) {
+        for &(col, a) in &cols {
+            *y += a * col[i];
+        }
     }
 }
 
-/// `y[i] += a · sign[i] · x[idx[i]]`: a signed permutation applied by gathering.
+/// `y[i] += a · sign[i] · x[idx[i]]`: a signed permutation applied by gathering, without
+/// bounds checks so that the loop vectorises.
+///
+/// # Safety
+/// Every index must be less than `x.len()`.
 #[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
-pub(crate) fn gather_add(y: &mut [f32], a: f32, x: &[f32], idx: &[u32], sign: &[f32]) {
-    debug_assert_eq!(y.len(), idx.len());
+pub(crate) unsafe fn gather_add(y: &mut [f32], a: f32, x: &[f32], idx: &[u32], sign: &[f32]) {
+    assert!(y.len() == idx.len() && y.len() == sign.len(), "gather of mismatched lengths");
+    debug_assert!(idx.iter().all(|&i| (i as usize) < x.len()), "gather index out of range");
     for ((y, &i), &s) in y.iter_mut().zip(idx).zip(sign) {
-        *y += a * s * x[i as usize];
+        // SAFETY: the caller guarantees every index is in range.
+        *y += a * s * unsafe { *x.get_unchecked(i as usize) };
     }
 }
 
