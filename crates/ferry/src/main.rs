@@ -242,13 +242,17 @@ struct TransformArgs {
     /// Retries of a failed request to a remote store, with exponential backoff.
     #[arg(long, env = "FERRY_MAX_RETRIES", default_value_t = 10)]
     max_retries: usize,
-    /// Also write a sketch of every record here (one <key>.parquet per object), for
-    /// `ferry sketch` queries. Needs a sketch profile (`ferry sketch fit`).
+    /// Also write a sketch of every record here (Parquet part files), for `ferry sketch`
+    /// queries. Needs a sketch profile (`ferry sketch fit`).
     #[arg(long, env = "FERRY_SKETCH")]
     sketch: Option<String>,
     /// The sketch profile [default: <model>/sketch_profile.json].
     #[arg(long, env = "FERRY_SKETCH_PROFILE")]
     sketch_profile: Option<PathBuf>,
+    /// Records per sketch part file. An object's .out is written after the part holding its
+    /// sketches, which is written when full or 5 s after its first record.
+    #[arg(long, default_value_t = 1024)]
+    sketch_part_records: usize,
 }
 
 impl TransformArgs {
@@ -275,6 +279,7 @@ impl TransformArgs {
             max_retries: self.max_retries,
             sketch: self.sketch,
             sketch_profile: self.sketch_profile,
+            sketch_part_records: self.sketch_part_records,
         }
     }
 }
@@ -402,7 +407,13 @@ async fn sketch(cmd: SketchCommand) -> Result<(), String> {
             let max_retries = a.set.max_retries;
             let set = load(a.set).await?;
             let n = erase(&set, a.keep, &a.output, max_retries).await?;
-            eprintln!("wrote {n} files keeping {} of {} coordinates to {}", a.keep, set.profile.d, a.output);
+            eprintln!(
+                "wrote {} records in {n} parts keeping {} of {} coordinates to {}",
+                set.rows.len(),
+                a.keep,
+                set.profile.d,
+                a.output
+            );
         }
     }
     Ok(())

@@ -16,7 +16,10 @@
 //! memory.
 //!
 //! With `--sketch`, each object's sketches (one per record, from the same forward pass) are
-//! written as one Parquet file just before its `.out`, so a finished object always has both.
+//! collected into Parquet part files of about a thousand records; an object's `.out` is written
+//! only after the part holding its sketches, so a finished object always has both. One file per
+//! object would double the files a job creates, and sets of many tiny Parquet files are slow to
+//! query.
 //!
 //! Resume needs no journal: outputs are deterministic (the runtime's results do not depend on how
 //! records are batched), so an object whose `.out` exists is finished, and a rerun skips it.
@@ -29,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ferry_backend::{Backend, BackendError, BackendKind, LoadOptions, Tensor};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::buffered::BufWriter;
 use object_store::path::Path;
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
@@ -96,10 +99,12 @@ pub struct JobConfig {
     pub progress: ProgressMode,
     /// Retries of a failed request to a remote store.
     pub max_retries: usize,
-    /// Where to write a sketch per record (one Parquet file per object); none when absent.
+    /// Where to write a sketch per record (Parquet part files); none when absent.
     pub sketch: Option<String>,
     /// The sketch profile; `<model>/sketch_profile.json` when absent.
     pub sketch_profile: Option<PathBuf>,
+    /// Records per sketch part file.
+    pub sketch_part_records: usize,
 }
 
 impl Default for JobConfig {
@@ -126,6 +131,7 @@ impl Default for JobConfig {
             max_retries: 10,
             sketch: None,
             sketch_profile: None,
+            sketch_part_records: 1024,
         }
     }
 }
@@ -269,7 +275,6 @@ struct Item {
     out_key: Path,
     /// The key relative to the input prefix, as sketch rows name it.
     relative: String,
-    sketch_key: Option<Path>,
 }
 
 struct DecodeJob {
@@ -285,10 +290,35 @@ struct Decoded {
 }
 
 enum Event {
-    Fetched { id: usize, records: usize, permit: OwnedSemaphorePermit },
-    FetchFailed { id: usize, reason: String },
-    Record { id: usize, index: usize, outcome: Result<RecordOutputs, String> },
-    Written { id: usize, outcome: Result<(), String> },
+    Fetched {
+        id: usize,
+        records: usize,
+        permit: OwnedSemaphorePermit,
+    },
+    FetchFailed {
+        id: usize,
+        reason: String,
+    },
+    Record {
+        id: usize,
+        index: usize,
+        outcome: Result<RecordOutputs, String>,
+    },
+    Written {
+        id: usize,
+        outcome: Result<(), String>,
+    },
+    /// The object's `.out` waits for the part file holding its sketches.
+    Parked {
+        id: usize,
+    },
+}
+
+/// Where a job reads and writes.
+struct Places<'a> {
+    input: &'a Location,
+    output: &'a Location,
+    sketches: Option<&'a Location>,
 }
 
 /// Everything about the model that the stages need, checked before any object is read.
@@ -300,20 +330,18 @@ struct Prepared {
     sketch: Option<SketchWriter>,
 }
 
-/// Turns an object's records into its sketch file.
+/// Turns an object's records into sketch rows.
 #[derive(Debug)]
 struct SketchWriter {
     profile: SketchProfile,
     sketcher: ferry_sketch::Sketcher,
     /// The model output index of each output the recipe reads.
     inputs: HashMap<String, usize>,
-    /// Where the sketch files go; set once the location is open.
-    store: Option<Arc<dyn ObjectStore>>,
 }
 
 impl SketchWriter {
-    /// Parquet bytes for one object. Runs after encoding, which has applied the softmax.
-    fn file(&self, key: &str, records: &[Result<RecordOutputs, String>]) -> Result<Vec<u8>, String> {
+    /// The sketch rows of one object. Runs after encoding, which has applied the softmax.
+    fn rows(&self, key: &str, records: &[Result<RecordOutputs, String>]) -> Result<Vec<SketchRow>, String> {
         let mut dags = Vec::new();
         let mut indices = Vec::new();
         for (i, r) in records.iter().enumerate() {
@@ -325,7 +353,7 @@ impl SketchWriter {
             }
         }
         let sketches = self.sketcher.sketch_batch(&dags).map_err(|e| format!("sketch: {e}"))?;
-        let rows: Vec<SketchRow> = sketches
+        Ok(sketches
             .into_iter()
             .zip(indices)
             .map(|(s, record)| SketchRow {
@@ -335,8 +363,116 @@ impl SketchWriter {
                 seed: self.profile.seed,
                 d: self.profile.d,
             })
-            .collect();
-        write_parquet(&rows, &self.profile).map_err(|e| format!("sketch file: {e}"))
+            .collect())
+    }
+}
+
+/// Encoded `.out` bytes held back at most while their part fills.
+const PARKED_BYTES: usize = 64 << 20;
+/// The longest an object's `.out` waits for its part, so that a slow job still shows progress.
+const PART_DELAY: Duration = Duration::from_secs(5);
+
+/// An object whose `.out` waits for the part file holding its sketches.
+struct Parked {
+    id: usize,
+    out_key: Path,
+    body: Vec<u8>,
+    rows: Vec<SketchRow>,
+}
+
+enum PartMsg {
+    Park(Parked),
+    /// Every object is finished or parked: write what is held.
+    Flush,
+}
+
+/// Writes sketch part files, then the `.out`s of the objects in them, reporting each object as
+/// written. A part that cannot be written fails its objects without writing their `.out`s, so a
+/// rerun redoes them.
+struct PartWriter {
+    profile: Arc<SketchWriter>,
+    sketches: Arc<dyn ObjectStore>,
+    prefix: Path,
+    output: Arc<dyn ObjectStore>,
+    part_size: usize,
+    part_records: usize,
+    events: async_channel::Sender<Event>,
+    stats: Arc<Stats>,
+    /// Part names start with the job's start time, so a rerun adds parts and never replaces one.
+    run: String,
+    seq: usize,
+}
+
+impl PartWriter {
+    async fn run(mut self, mut rx: tokio::sync::mpsc::UnboundedReceiver<PartMsg>) {
+        let mut held: Vec<Parked> = Vec::new();
+        let (mut records, mut bytes) = (0usize, 0usize);
+        let mut deadline = None;
+        loop {
+            let msg = match deadline {
+                Some(at) => tokio::time::timeout_at(at, rx.recv()).await.unwrap_or(Some(PartMsg::Flush)),
+                None => rx.recv().await,
+            };
+            match msg {
+                Some(PartMsg::Park(p)) => {
+                    records += p.rows.len();
+                    bytes += p.body.len();
+                    held.push(p);
+                    deadline.get_or_insert_with(|| tokio::time::Instant::now() + PART_DELAY);
+                    if records < self.part_records && bytes < PARKED_BYTES {
+                        continue;
+                    }
+                }
+                Some(PartMsg::Flush) => {}
+                None => break,
+            }
+            self.flush(std::mem::take(&mut held)).await;
+            (records, bytes, deadline) = (0, 0, None);
+        }
+        self.flush(held).await;
+    }
+
+    async fn flush(&mut self, held: Vec<Parked>) {
+        if held.is_empty() {
+            return;
+        }
+        let t = Instant::now();
+        let key = self.prefix.clone().join(format!("part-{}-{:05}.parquet", self.run, self.seq).as_str());
+        self.seq += 1;
+        let rows: Vec<SketchRow> = held.iter().flat_map(|p| p.rows.iter().cloned()).collect();
+        let written = match write_parquet(&rows, &self.profile.profile) {
+            Ok(body) => {
+                let len = body.len() as u64;
+                let put = write_object(self.sketches.clone(), key.clone(), body, self.part_size).await;
+                if put.is_ok() {
+                    self.stats.bytes_written.fetch_add(len, Ordering::Relaxed);
+                }
+                put
+            }
+            Err(e) => Err(e),
+        };
+        Stats::add(&self.stats.write_ns, t);
+        let written = written.map_err(|e| format!("sketch part {key}: {e}"));
+        let (written, output, part_size) = (&written, &self.output, self.part_size);
+        let (events, stats) = (&self.events, &self.stats);
+        futures::stream::iter(held)
+            .for_each_concurrent(32, |p| async move {
+                let t = Instant::now();
+                let outcome = match written {
+                    Ok(()) => {
+                        let len = p.body.len() as u64;
+                        let r = write_object(output.clone(), p.out_key, p.body, part_size).await;
+                        if r.is_ok() {
+                            stats.bytes_written.fetch_add(len, Ordering::Relaxed);
+                        }
+                        r
+                    }
+                    Err(e) => Err(e.clone()),
+                };
+                Stats::add(&stats.write_ns, t);
+                let _ = events.send(Event::Written { id: p.id, outcome }).await;
+            })
+            .await;
     }
 }
 
@@ -382,7 +518,7 @@ fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
                 inputs.insert(name.clone(), position(&name)?);
             }
             hidden.extend(own_outputs(&profile).iter().map(|n| inputs[n]));
-            Some(SketchWriter { profile, sketcher, inputs, store: None })
+            Some(SketchWriter { profile, sketcher, inputs })
         }
     };
     let encoder = Encoder {
@@ -458,6 +594,9 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
     if cfg.max_batch_size == 0 || cfg.max_concurrent == 0 || cfg.threads == 0 || cfg.decode_threads == 0 {
         return Err(JobError::Config("batch size, concurrency and thread counts must be at least 1".into()));
     }
+    if cfg.sketch_part_records == 0 {
+        return Err(JobError::Config("records per sketch part must be at least 1".into()));
+    }
     if cfg.part_size < 5 << 20 {
         return Err(JobError::Config("part size must be at least 5 MiB (the S3 minimum)".into()));
     }
@@ -471,14 +610,12 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
         Some(url) => Some(Location::open(url, true, cfg.max_retries)?),
         None => None,
     };
-    let mut prepared = prepared;
-    if let (Some(set), Some(w)) = (&sketches, &mut prepared.sketch) {
+    if let (Some(set), Some(w)) = (&sketches, &prepared.sketch) {
         let body = serde_json::to_vec_pretty(&w.profile).expect("the profile serialises");
         set.store
             .put(&profile_key(set), body.into())
             .await
             .map_err(|e| JobError::Config(format!("writing the sketch profile to {}: {e}", set.url)))?;
-        w.store = Some(set.store.clone());
     }
     let runtime = prepared.runtime.clone();
     tracing::info!(model = %cfg.model.display(), %runtime, input = %input.url, output = %output.url, "starting transform");
@@ -502,15 +639,9 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
             continue;
         }
         objects_total += 1;
-        let keys = output.child(&parts, ".out").and_then(|out_key| match &sketches {
-            Some(set) => set.child(&parts, ".parquet").map(|k| (out_key, Some(k))),
-            None => Ok((out_key, None)),
-        });
-        match keys {
-            Ok((out_key, _)) if done.contains(&out_key) => skipped += 1,
-            Ok((out_key, sketch_key)) => {
-                items.push(Item { key: meta.location, out_key, relative: parts.join("/"), sketch_key })
-            }
+        match output.child(&parts, ".out") {
+            Ok(out_key) if done.contains(&out_key) => skipped += 1,
+            Ok(out_key) => items.push(Item { key: meta.location, out_key, relative: parts.join("/") }),
             Err(reason) => failures.push(Failure { object: meta.location.to_string(), record: None, reason }),
         }
     }
@@ -522,7 +653,8 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
     let setup_seconds = started.elapsed().as_secs_f64();
     let stats = Arc::new(Stats::default());
     let items = Arc::new(items);
-    let outcome = run_pipeline(&cfg, prepared, &input, &output, items.clone(), stats.clone(), skipped).await;
+    let places = Places { input: &input, output: &output, sketches: sketches.as_ref() };
+    let outcome = run_pipeline(&cfg, prepared, places, items.clone(), stats.clone(), skipped).await;
     failures.extend(outcome.failures);
 
     let wall = started.elapsed().as_secs_f64();
@@ -608,12 +740,12 @@ struct Pending {
 async fn run_pipeline(
     cfg: &JobConfig,
     prepared: Prepared,
-    input: &Location,
-    output: &Location,
+    places: Places<'_>,
     items: Arc<Vec<Item>>,
     stats: Arc<Stats>,
     skipped: usize,
 ) -> PipelineOutcome {
+    let Places { input, output, sketches } = places;
     let Prepared { runtime: _, instances, plan, encoder, sketch } = prepared;
     let encoder = Arc::new(encoder);
     let sketch = sketch.map(Arc::new);
@@ -693,9 +825,38 @@ async fn run_pipeline(
     // Writers hold a sender so the loop can hear their results; the loop ends when every object is
     // accounted for.
     let (writer_tx, writer_rx) = async_channel::unbounded::<Event>();
+    let parts = match (&sketch, sketches) {
+        (Some(w), Some(set)) => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.as_millis());
+            let writer = PartWriter {
+                profile: w.clone(),
+                sketches: set.store.clone(),
+                prefix: set.prefix.clone(),
+                output: output.store.clone(),
+                part_size: cfg.part_size,
+                part_records: cfg.sketch_part_records,
+                events: writer_tx.clone(),
+                stats: stats.clone(),
+                run: format!("{run:013}"),
+                seq: 0,
+            };
+            Some((tx, tokio::spawn(writer.run(rx))))
+        }
+        _ => None,
+    };
     let mut stages_open = true;
     let mut writing = 0usize;
+    // Objects whose `.out` waits for a sketch part; once nothing else is open, the last part
+    // is written without waiting for it to fill.
+    let (mut parked, mut flushed) = (HashSet::new(), false);
     while finished < items.len() {
+        if let Some((tx, _)) = &parts {
+            if !parked.is_empty() && !flushed && finished + parked.len() == items.len() {
+                let _ = tx.send(PartMsg::Flush);
+                flushed = true;
+            }
+        }
         if !stages_open && writing == 0 {
             break;
         }
@@ -752,11 +913,8 @@ async fn run_pipeline(
                     stats.clone(),
                     writer_tx.clone(),
                 );
-                let sketch_job = match (&sketch, &items[id].sketch_key) {
-                    (Some(w), Some(k)) => {
-                        let store = w.store.clone().expect("the sketch location is open before the pipeline starts");
-                        Some((w.clone(), store, k.clone(), items[id].relative.clone()))
-                    }
+                let sketch_job = match (&sketch, &parts) {
+                    (Some(w), Some((tx, _))) => Some((w.clone(), tx.clone(), items[id].relative.clone())),
                     _ => None,
                 };
                 let part_size = cfg.part_size;
@@ -765,42 +923,50 @@ async fn run_pipeline(
                 tokio::spawn(async move {
                     let t = Instant::now();
                     let stats2 = stats.clone();
-                    let (body, sketch_file) = tokio::task::spawn_blocking(move || {
+                    let (body, rows) = tokio::task::spawn_blocking(move || {
                         let body = encoder.body(&mut records);
                         Stats::add(&stats2.encode_ns, t);
                         let t = Instant::now();
-                        let file = sketch_job.map(|(w, store, key, rel)| (w.file(&rel, &records), store, key));
+                        let rows = sketch_job.map(|(w, parts, rel)| (w.rows(&rel, &records), parts));
                         Stats::add(&stats2.sketch_ns, t);
-                        (body, file)
+                        (body, rows)
                     })
                     .await
                     .expect("encoding panicked");
-                    let t = Instant::now();
-                    let mut len = body.len() as u64;
-                    let outcome = match sketch_file {
-                        None => Ok(()),
-                        Some((Err(e), _, _)) => Err(e),
-                        Some((Ok(bytes), store, key)) => {
-                            len += bytes.len() as u64;
-                            write_object(store, key, bytes, part_size).await
+                    let outcome = match rows {
+                        Some((Err(e), _)) => Err(e),
+                        Some((Ok(rows), parts)) if !rows.is_empty() => {
+                            // The permit goes back now: the part writer bounds what it holds.
+                            drop(permit);
+                            let parked = Parked { id, out_key: key, body, rows };
+                            if parts.send(PartMsg::Park(parked)).is_ok() {
+                                let _ = tx.send(Event::Parked { id }).await;
+                                return;
+                            }
+                            Err("the sketch part writer stopped. This is a bug.".to_string())
+                        }
+                        _ => {
+                            let t = Instant::now();
+                            let len = body.len() as u64;
+                            let outcome = write_object(store, key, body, part_size).await;
+                            Stats::add(&stats.write_ns, t);
+                            if outcome.is_ok() {
+                                stats.bytes_written.fetch_add(len, Ordering::Relaxed);
+                            }
+                            outcome
                         }
                     };
-                    let outcome = match outcome {
-                        Ok(()) => write_object(store, key, body, part_size).await,
-                        Err(e) => Err(e),
-                    };
-                    Stats::add(&stats.write_ns, t);
-                    if outcome.is_ok() {
-                        stats.bytes_written.fetch_add(len, Ordering::Relaxed);
-                    }
-                    drop(permit);
                     let _ = tx.send(Event::Written { id, outcome }).await;
                 });
                 progress.records(record_count);
             }
+            Event::Parked { id } => {
+                parked.insert(id);
+            }
             Event::Written { id, outcome } => {
                 writing -= 1;
                 finished += 1;
+                parked.remove(&id);
                 match outcome {
                     Ok(()) => {
                         out.succeeded += 1;
@@ -816,6 +982,10 @@ async fn run_pipeline(
         }
     }
     progress.finish();
+    if let Some((tx, writer)) = parts {
+        drop(tx);
+        writer.await.expect("the sketch part writer panicked");
+    }
     feeder.await.expect("the feeder task panicked");
     for t in threads {
         t.join().expect("a pipeline thread panicked");

@@ -247,9 +247,13 @@ fn sketches_are_fitted_written_and_queried_on_s3() {
         let metas: Vec<_> = store.list(Some(&Path::from(format!("{run}/sketches")))).try_collect().await.unwrap();
         metas.into_iter().map(|m| m.location.to_string()).collect()
     });
-    assert_eq!(listed.iter().filter(|k| k.ends_with(".jpg.parquet")).count(), 48, "{listed:?}");
+    // Part files, each put whole: no file per object.
+    let parts: Vec<&String> = listed.iter().filter(|k| k.ends_with(".parquet")).collect();
+    assert!(!parts.is_empty() && parts.iter().all(|k| k.starts_with(&format!("{run}/sketches/part-"))), "{listed:?}");
     assert!(listed.contains(&format!("{run}/sketches/_ferry/sketch_profile.json")));
 
+    let all = ok(s.ferry(&["sketch", "similar", "--sketches", &set, "--to", "coffee/coffee_003.jpg", "-k", "1000"]));
+    assert_eq!(all.lines().count(), 47, "every other image once");
     let hits = ok(s.ferry(&["sketch", "similar", "--sketches", &set, "--to", "coffee/coffee_003.jpg", "-k", "5"]));
     for line in hits.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();

@@ -83,9 +83,11 @@ fn sketches_answer_similarity_and_counts_without_the_model() {
     assert!(run.status.success());
     let preds = predictions(&outputs);
     assert_eq!(preds.len(), 4 * PER_SOURCE);
-    // One Parquet file per object, and the profile that reads them.
+    // Parquet part files, not a file per object, and the profile that reads them.
     let written = files(&set);
-    assert_eq!(written.iter().filter(|f| f.ends_with(".jpg.parquet")).count(), 4 * PER_SOURCE);
+    let parts: Vec<&String> = written.iter().filter(|f| f.ends_with(".parquet")).collect();
+    assert!(!parts.is_empty() && parts.len() < 10, "{written:?}");
+    assert!(parts.iter().all(|f| f.starts_with("part-")), "{written:?}");
     assert!(written.contains(&"_ferry/sketch_profile.json".to_string()));
     // The features output feeds the sketch and stays out of the predictions.
     let first = json(&outputs.join(format!("{}.out", preds.keys().next().unwrap())));
@@ -172,45 +174,104 @@ fn sketches_answer_similarity_and_counts_without_the_model() {
     let hits = similar(&small, "coffee/coffee_010.jpg", 5);
     assert!(hits.iter().all(|(k, _)| source(k) == "coffee"), "{hits:?}");
 
-    // Parquet as other tools read it: pyarrow (pandas' Parquet engine) sees the columns and the
-    // full-length vectors.
+    // Parquet as other tools read it: pyarrow (pandas' Parquet engine) reads the set folder as one
+    // table (it skips `_ferry/`), with the columns, one row per image and full-length vectors.
     let script = "import pyarrow.parquet as pq, sys\n\
          t = pq.read_table(sys.argv[1])\n\
          assert t.column_names == ['key', 'record', 'sketch', 'seed', 'd'], t.column_names\n\
-         assert t.num_rows == 1, t.num_rows\n\
-         assert t.column('key')[0].as_py() == sys.argv[2], t.column('key')[0]\n\
-         assert len(t.column('sketch')[0].as_py()) == t.column('d')[0].as_py() == 1024\n\
+         keys = t.column('key').to_pylist()\n\
+         assert len(keys) == len(set(keys)) == int(sys.argv[2]), len(keys)\n\
+         assert set(t.column('record').to_pylist()) == {0}\n\
+         assert all(len(v) == 1024 for v in t.column('sketch').to_pylist())\n\
          print('ok')";
-    let file = set.join(format!("{key}.parquet"));
-    let py = Command::new("python3").args(["-c", script, file.to_str().unwrap(), key]).output().unwrap();
+    let py = Command::new("python3")
+        .args(["-c", script, set.to_str().unwrap(), &(4 * PER_SOURCE).to_string()])
+        .output()
+        .unwrap();
     assert!(py.status.success(), "pyarrow: {}", String::from_utf8_lossy(&py.stderr));
 
     // Sketches do not depend on batching: a second run at another batch size writes the same vectors.
     let (outputs2, set2) = (tmp.path().join("out2"), tmp.path().join("sketches2"));
     let run = sketch_job(model, &images.join("rocket"), &outputs2, &set2, &profile, &["--max-batch-size", "3"]);
     assert!(run.status.success());
-    for v in [0, 17, 49] {
-        let f = format!("rocket_{v:03}.jpg.parquet");
-        let a = std::fs::read(set.join("rocket").join(&f)).unwrap();
-        let b = std::fs::read(set2.join(&f)).unwrap();
-        // Keys differ (the second job's input prefix is one level down), vectors must not.
-        let vec_of = |bytes: Vec<u8>| {
-            let py = Command::new("python3")
-                .args([
-                    "-c",
-                    "import pyarrow.parquet as pq, sys; print(pq.read_table(sys.argv[1]).column('sketch')[0].as_py())",
-                ])
-                .arg({
-                    let p = tmp.path().join("tmp.parquet");
-                    std::fs::write(&p, bytes).unwrap();
-                    p
-                })
-                .output()
-                .unwrap();
-            String::from_utf8(py.stdout).unwrap()
-        };
-        assert_eq!(vec_of(a), vec_of(b), "{f}");
+    // Keys differ (the second job's input prefix is one level down), vectors must not.
+    let script = "import pyarrow.parquet as pq, sys\n\
+         a = dict(zip(*[c.to_pylist() for c in pq.read_table(sys.argv[1], columns=['key', 'sketch']).columns]))\n\
+         b = pq.read_table(sys.argv[2], columns=['key', 'sketch'])\n\
+         assert b.num_rows == int(sys.argv[3]), b.num_rows\n\
+         for k, v in zip(*[c.to_pylist() for c in b.columns]):\n\
+         \x20   assert a['rocket/' + k] == v, k\n\
+         print('ok')";
+    let py = Command::new("python3")
+        .args(["-c", script, set.to_str().unwrap(), set2.to_str().unwrap(), &PER_SOURCE.to_string()])
+        .output()
+        .unwrap();
+    assert!(py.status.success(), "pyarrow: {}", String::from_utf8_lossy(&py.stderr));
+}
+
+#[test]
+fn a_killed_sketch_job_resumes_with_every_finished_object_sketched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    make_variants(&images, 40);
+    let profile = tmp.path().join("profile.json");
+    let model = mobilenet();
+    let model = model.to_str().unwrap();
+    let out = ferry()
+        .args(["sketch", "fit", "--model", model, "--input", images.to_str().unwrap(), "--limit", "60"])
+        .args(["--output", profile.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (outputs, set) = (tmp.path().join("out"), tmp.path().join("sketches"));
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let mut job = ferry();
+    job.args(["transform", "--model", model, "--input", &s(&images), "--output", &s(&outputs), "--top-k", "1"]).args([
+        "--sketch",
+        &s(&set),
+        "--sketch-profile",
+        &s(&profile),
+        "--sketch-part-records",
+        "20",
+    ]);
+    let mut child = job.spawn().unwrap();
+    // Kill -9 once some outputs exist, so that at least one part does.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    // Counted while the job writes: folders appear and temporary files vanish under the walk.
+    fn outs_under(dir: &Path) -> usize {
+        let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+        entries
+            .flatten()
+            .map(|e| e.path())
+            .map(|p| if p.is_dir() { outs_under(&p) } else { usize::from(p.extension().is_some_and(|x| x == "out")) })
+            .sum()
     }
+    let outs = || outs_under(&outputs);
+    while outs() == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let partial = outs();
+    assert!(partial > 0 && partial < 160, "killed with {partial} outputs");
+    // Every finished object already has its sketch.
+    let script = "import pyarrow.parquet as pq, sys, os\n\
+         keys = set(pq.read_table(sys.argv[1], columns=['key']).column('key').to_pylist())\n\
+         outs = [os.path.relpath(os.path.join(d, f), sys.argv[2])[:-4] for d, _, fs in os.walk(sys.argv[2]) for f in fs if f.endswith('.out')]\n\
+         missing = [k for k in outs if k not in keys]\n\
+         assert not missing, missing\n\
+         print(len(outs))";
+    let py = Command::new("python3").args(["-c", script, &s(&set), &s(&outputs)]).output().unwrap();
+    assert!(py.status.success(), "pyarrow: {}", String::from_utf8_lossy(&py.stderr));
+
+    let out = job.output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(outs(), 160);
+    // Each record once in the set, whatever the kill left behind: every other image is similar to
+    // this one exactly once.
+    let hits: Vec<String> = similar(&set, "coffee/coffee_001.jpg", 1000).into_iter().map(|(k, _)| k).collect();
+    let distinct: std::collections::BTreeSet<&String> = hits.iter().collect();
+    assert_eq!((hits.len(), distinct.len()), (159, 159));
 }
 
 #[test]

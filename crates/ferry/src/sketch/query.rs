@@ -205,7 +205,11 @@ impl Queries {
     }
 }
 
-/// Writes a copy of a set keeping the first `keep` coordinates of every sketch.
+/// Records per part of an erased copy.
+const ERASED_PART_RECORDS: usize = 4096;
+
+/// Writes a copy of a set keeping the first `keep` coordinates of every sketch, in parts of
+/// about as many records as a job writes per part. Returns the number of parts.
 pub async fn erase(set: &SketchSet, keep: usize, output: &str, max_retries: usize) -> Result<usize, String> {
     if keep == 0 || keep > set.profile.d {
         return Err(format!("--keep must be between 1 and d = {}", set.profile.d));
@@ -214,20 +218,15 @@ pub async fn erase(set: &SketchSet, keep: usize, output: &str, max_retries: usiz
     let profile = serde_json::to_vec_pretty(&set.profile).expect("the profile serialises");
     out.store.put(&profile_key(&out), profile.into()).await.map_err(|e| format!("{output}: {e}"))?;
     let mut written = 0;
-    let mut i = 0;
-    while i < set.rows.len() {
-        let key = &set.rows[i].key;
-        let end = i + set.rows[i..].iter().take_while(|r| &r.key == key).count();
-        let rows: Vec<SketchRow> = set.rows[i..end]
+    for chunk in set.rows.chunks(ERASED_PART_RECORDS) {
+        let rows: Vec<SketchRow> = chunk
             .iter()
             .map(|r| SketchRow { sketch: r.sketch[..keep.min(r.sketch.len())].to_vec(), ..r.clone() })
             .collect();
-        let parts: Vec<String> = key.split('/').map(str::to_string).collect();
-        let path = out.child(&parts, ".parquet")?;
+        let path = out.prefix.clone().join(format!("part-erased-{written:05}.parquet").as_str());
         let body = write_parquet(&rows, &set.profile)?;
         out.store.put(&path, body.into()).await.map_err(|e| format!("{path}: {e}"))?;
         written += 1;
-        i = end;
     }
     Ok(written)
 }

@@ -1,11 +1,12 @@
 //! Sketch sets on disk: Parquet files plus the profile that reads them.
 //!
-//! A set is a prefix holding one `<key>.parquet` per input object (rows: object key, record
-//! index, sketch vector, seed, d) and `_ferry/sketch_profile.json`. One file per object mirrors
-//! the `.out` files: each is written by one atomic put before its `.out`, so a finished object
-//! always has its sketch and a rerun needs no extra bookkeeping. The vector is a Parquet
-//! `LIST<FLOAT>`, which DuckDB (`read_parquet('set/**/*.parquet')`), Polars and pandas read as
-//! a list column; an erased set simply has shorter lists.
+//! A set is a prefix holding Parquet part files (`part-<job start>-<n>.parquet`, rows: object
+//! key, record index, sketch vector, seed, d) and `_ferry/sketch_profile.json`. A job writes a
+//! part with one atomic put before the `.out`s of the objects in it, so a finished object always
+//! has its sketches and a rerun needs no extra bookkeeping; a job killed between the two redoes
+//! those objects and writes their (identical) rows again, which readers drop. The vector is a
+//! Parquet `LIST<FLOAT>`, which DuckDB (`read_parquet('set/*.parquet')`), Polars and pandas read
+//! as a list column; an erased set simply has shorter lists.
 
 use std::sync::Arc;
 
@@ -53,7 +54,7 @@ pub struct SketchRow {
     pub d: usize,
 }
 
-/// One object's rows as a Parquet file.
+/// Rows as a Parquet file.
 pub fn write_parquet(rows: &[SketchRow], profile: &SketchProfile) -> Result<Vec<u8>, String> {
     static SCHEMA_TYPE: std::sync::OnceLock<Arc<parquet::schema::types::Type>> = std::sync::OnceLock::new();
     let schema =
@@ -116,7 +117,7 @@ pub fn write_parquet(rows: &[SketchRow], profile: &SketchProfile) -> Result<Vec<
     Ok(out)
 }
 
-/// The rows of one sketch file.
+/// The rows of one Parquet file.
 pub fn read_parquet(bytes: Bytes) -> Result<Vec<SketchRow>, String> {
     let reader = SerializedFileReader::new(bytes).map_err(|e| e.to_string())?;
     let mut rows = Vec::new();
@@ -149,7 +150,7 @@ pub fn profile_key(set: &Location) -> Path {
 pub struct SketchSet {
     /// How the sketches were made.
     pub profile: SketchProfile,
-    /// Every record's sketch, ordered by key and record.
+    /// Every record's sketch, ordered by key and record, each once.
     pub rows: Vec<SketchRow>,
 }
 
@@ -191,6 +192,7 @@ impl SketchSet {
             .try_concat()
             .await?;
         rows.sort_by(|a, b| a.key.cmp(&b.key).then(a.record.cmp(&b.record)));
+        rows.dedup_by(|a, b| a.key == b.key && a.record == b.record);
         if let Some(r) = rows.iter().find(|r| r.d != profile.d || r.seed != profile.seed) {
             return Err(format!(
                 "{} record {} was made with d = {}, seed = {}; the set's profile says d = {}, seed = {}",
