@@ -80,6 +80,11 @@ impl Location {
         Ok(Self { store: Arc::new(store), prefix: Path::default(), url: url.to_string() })
     }
 
+    /// Whether this is a local folder.
+    pub fn is_local(&self) -> bool {
+        !self.url.contains("://") || self.url.starts_with("file://")
+    }
+
     /// `key` relative to this location's prefix, as its parts.
     pub fn relative(&self, key: &Path) -> Option<Vec<String>> {
         key.prefix_match(&self.prefix).map(|parts| parts.map(|p| p.as_ref().to_string()).collect())

@@ -392,8 +392,10 @@ enum PartMsg {
 struct PartWriter {
     profile: Arc<SketchWriter>,
     sketches: Arc<dyn ObjectStore>,
+    sketch_limit: Arc<Semaphore>,
     prefix: Path,
     output: Arc<dyn ObjectStore>,
+    out_limit: Arc<Semaphore>,
     part_size: usize,
     part_records: usize,
     events: async_channel::Sender<Event>,
@@ -443,7 +445,8 @@ impl PartWriter {
         let written = match write_parquet(&rows, &self.profile.profile) {
             Ok(body) => {
                 let len = body.len() as u64;
-                let put = write_object(self.sketches.clone(), key.clone(), body, self.part_size).await;
+                let put =
+                    write_object(self.sketches.clone(), key.clone(), body, self.part_size, &self.sketch_limit).await;
                 if put.is_ok() {
                     self.stats.bytes_written.fetch_add(len, Ordering::Relaxed);
                 }
@@ -453,7 +456,7 @@ impl PartWriter {
         };
         Stats::add(&self.stats.write_ns, t);
         let written = written.map_err(|e| format!("sketch part {key}: {e}"));
-        let (written, output, part_size) = (&written, &self.output, self.part_size);
+        let (written, output, part_size, out_limit) = (&written, &self.output, self.part_size, &*self.out_limit);
         let (events, stats) = (&self.events, &self.stats);
         futures::stream::iter(held)
             .for_each_concurrent(32, |p| async move {
@@ -461,7 +464,7 @@ impl PartWriter {
                 let outcome = match written {
                     Ok(()) => {
                         let len = p.body.len() as u64;
-                        let r = write_object(output.clone(), p.out_key, p.body, part_size).await;
+                        let r = write_object(output.clone(), p.out_key, p.body, part_size, out_limit).await;
                         if r.is_ok() {
                             stats.bytes_written.fetch_add(len, Ordering::Relaxed);
                         }
@@ -825,6 +828,7 @@ async fn run_pipeline(
     // Writers hold a sender so the loop can hear their results; the loop ends when every object is
     // accounted for.
     let (writer_tx, writer_rx) = async_channel::unbounded::<Event>();
+    let out_limit = write_limit(output);
     let parts = match (&sketch, sketches) {
         (Some(w), Some(set)) => {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -832,8 +836,10 @@ async fn run_pipeline(
             let writer = PartWriter {
                 profile: w.clone(),
                 sketches: set.store.clone(),
+                sketch_limit: write_limit(set),
                 prefix: set.prefix.clone(),
                 output: output.store.clone(),
+                out_limit: out_limit.clone(),
                 part_size: cfg.part_size,
                 part_records: cfg.sketch_part_records,
                 events: writer_tx.clone(),
@@ -906,12 +912,13 @@ async fn run_pipeline(
                     progress.object_done(record_count, true);
                     continue;
                 }
-                let (store, key, encoder, stats, tx) = (
+                let (store, key, encoder, stats, tx, write_limit) = (
                     output.store.clone(),
                     items[id].out_key.clone(),
                     encoder.clone(),
                     stats.clone(),
                     writer_tx.clone(),
+                    out_limit.clone(),
                 );
                 let sketch_job = match (&sketch, &parts) {
                     (Some(w), Some((tx, _))) => Some((w.clone(), tx.clone(), items[id].relative.clone())),
@@ -948,7 +955,7 @@ async fn run_pipeline(
                         _ => {
                             let t = Instant::now();
                             let len = body.len() as u64;
-                            let outcome = write_object(store, key, body, part_size).await;
+                            let outcome = write_object(store, key, body, part_size, &write_limit).await;
                             Stats::add(&stats.write_ns, t);
                             if outcome.is_ok() {
                                 stats.bytes_written.fetch_add(len, Ordering::Relaxed);
@@ -1002,7 +1009,27 @@ async fn run_pipeline(
     out
 }
 
-async fn write_object(store: Arc<dyn ObjectStore>, key: Path, body: Vec<u8>, part_size: usize) -> Result<(), String> {
+/// Puts at once to a store: for a local folder, half the cores. Creating files in one folder
+/// takes the folder's lock, and writers that find it taken spin on it, burning the cores the model
+/// needs; a local put is quick, so a few writers keep up. For a remote store, as many as
+/// `--max-concurrent` lets through, since each put is mostly waiting.
+fn write_limit(at: &Location) -> Arc<Semaphore> {
+    let n = if at.is_local() {
+        (std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).max(1)
+    } else {
+        Semaphore::MAX_PERMITS
+    };
+    Arc::new(Semaphore::new(n))
+}
+
+async fn write_object(
+    store: Arc<dyn ObjectStore>,
+    key: Path,
+    body: Vec<u8>,
+    part_size: usize,
+    limit: &Semaphore,
+) -> Result<(), String> {
+    let _permit = limit.acquire().await.expect("the write limit is never closed");
     let mut writer = BufWriter::with_capacity(store, key, part_size);
     if let Err(e) = writer.write_all(&body).await {
         let _ = writer.abort().await;
