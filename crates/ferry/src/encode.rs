@@ -113,9 +113,15 @@ struct TopK<'a> {
 impl<'a> TopK<'a> {
     fn new(scores: &[f32], k: usize, labels: Option<&'a [String]>, probabilities: bool) -> Self {
         let mut order: Vec<usize> = (0..scores.len()).collect();
-        // Highest first; ties and NaNs resolved by index so the order is always the same.
-        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-        order.truncate(k);
+        // Highest first; ties and NaNs resolved by index so the order is always the same. The
+        // comparison is a total order, so selecting the first k and sorting only them gives the
+        // same list as sorting everything.
+        let cmp = |a: &usize, b: &usize| scores[*b].total_cmp(&scores[*a]).then(a.cmp(b));
+        if k < order.len() {
+            order.select_nth_unstable_by(k, cmp);
+            order.truncate(k);
+        }
+        order.sort_by(cmp);
         let values: Vec<f32> = order.iter().map(|&i| scores[i]).collect();
         let labels = labels.map(|l| order.iter().map(|&i| l.get(i).map_or("", String::as_str)).collect());
         let (probabilities, scores) = if probabilities { (Some(values), None) } else { (None, Some(values)) };
