@@ -35,6 +35,7 @@ if [ ! -f "$work/resnet50/model.onnx" ]; then
   /usr/bin/python3 bench/export_resnet50.py --out "$work/resnet50"
 fi
 
+rm -rf "$work/out"
 results=$work/results.jsonl
 : >"$results"
 row() { echo "{\"model\": \"$1\", \"what\": \"$2\", \"result\": $3}" >>"$results"; }
@@ -44,8 +45,11 @@ for spec in "mobilenet_v2:examples/models/mobilenet_v2:$work/images" "resnet50:$
   echo "== $name: $(ls "$images" | wc -l) images, $threads threads, batch $batch, $rounds rounds" >&2
   for round in $(seq "$rounds"); do
     row "$name" model-only "$("$ferry" model-bench --model "$model" --max-batch-size "$batch" --threads "$threads" --backend ort --seconds 10)"
-    rm -rf "$work/out"
-    "$ferry" transform --model "$model" --input "$images" --output "$work/out" --top-k 5 --backend ort \
+    # A new folder per round, all removed at the end: creating files right after deleting
+    # thousands in the same file system makes ext4 scan for free inodes, a cost of the
+    # benchmark loop rather than of a job.
+    out="$work/out/$name-$round"
+    "$ferry" transform --model "$model" --input "$images" --output "$out" --top-k 5 --backend ort \
       --max-batch-size "$batch" --threads "$threads" --progress off --report "$work/report.json" 2>/dev/null
     row "$name" ferry "$(python3 -c "import json; r = json.load(open('$work/report.json')); \
 print(json.dumps({'images': r['records'], 'seconds': r['wall_seconds'], 'images_per_second': r['records_per_second']}))")"
@@ -55,6 +59,8 @@ print(json.dumps({'images': r['records'], 'seconds': r['wall_seconds'], 'images_
     fi
   done
 done
+
+rm -rf "$work/out"
 
 python3 - "$results" <<'PY'
 import json, statistics, sys
