@@ -408,8 +408,9 @@ async fn sketch(cmd: SketchCommand) -> Result<(), String> {
             let set = load(a.set).await?;
             let n = erase(&set, a.keep, &a.output, max_retries).await?;
             eprintln!(
-                "wrote {} records in {n} parts keeping {} of {} coordinates to {}",
+                "wrote {} records in {n} part{} keeping {} of {} coordinates to {}",
                 set.rows.len(),
+                if n == 1 { "" } else { "s" },
                 a.keep,
                 set.profile.d,
                 a.output
