@@ -304,22 +304,7 @@ impl Sketcher {
     /// Joint least squares of all found objects' blocks, each carried to the level of `v`
     /// through the rotations along its path.
     fn refine(&self, v: &View, out: &mut [Decoded]) {
-        let mut cols: Vec<Cow<'_, [f32]>> = Vec::new();
-        for (i, obj) in out.iter().enumerate() {
-            let mut chain = Vec::new();
-            let mut at = i;
-            while let Some(p) = out[at].parent {
-                chain.push((out[p].module, out[at].path[out[at].path.len() - 1] as usize));
-                at = p;
-            }
-            for col in &self.embedding(obj.module).cols {
-                let mut c = col.clone();
-                for &(m, slot) in &chain {
-                    c = self.rotation(m, slot).apply(&c);
-                }
-                cols.push(Cow::Owned(masked(&c, v.mask.as_deref()).into_owned()));
-            }
-        }
+        let cols = self.carried_columns(v, out);
         let rhs = cols.iter().map(|c| vector::dot(c, &v.data) as f64).collect();
         let z = solve_normal(&cols, rhs);
         let c = self.params().c as f64;
@@ -333,6 +318,44 @@ impl Sketcher {
             }
             at += k + 1;
         }
+    }
+
+    /// What the decoded objects do not explain: `v` minus the joint least-squares fit of every
+    /// object in `found` (a decoder's output for `v`), each carried to the level of `v` through
+    /// the rotations along its path. The fit is joint, so objects found at several depths are
+    /// removed together, without the cross-talk a level-by-level subtraction leaves behind.
+    pub fn residual(&self, v: &View, found: &[Decoded]) -> View {
+        let mut r = v.clone();
+        if found.is_empty() {
+            return r;
+        }
+        let cols = self.carried_columns(v, found);
+        let rhs = cols.iter().map(|c| vector::dot(c, &v.data) as f64).collect();
+        let z = solve_normal(&cols, rhs);
+        subtract(&mut r, &cols, &z);
+        r
+    }
+
+    /// The embedding columns of every found object, carried to the level of `v` through the
+    /// rotations along its path and restricted to the valid coordinates of `v`.
+    fn carried_columns(&self, v: &View, found: &[Decoded]) -> Vec<Cow<'_, [f32]>> {
+        let mut cols: Vec<Cow<'_, [f32]>> = Vec::new();
+        for (i, obj) in found.iter().enumerate() {
+            let mut chain = Vec::new();
+            let mut at = i;
+            while let Some(p) = found[at].parent {
+                chain.push((found[p].module, found[at].path[found[at].path.len() - 1] as usize));
+                at = p;
+            }
+            for col in &self.embedding(obj.module).cols {
+                let mut c = col.clone();
+                for &(m, slot) in &chain {
+                    c = self.rotation(m, slot).apply(&c);
+                }
+                cols.push(Cow::Owned(masked(&c, v.mask.as_deref()).into_owned()));
+            }
+        }
+        cols
     }
 
     fn slot_view(&self, r: &View, m: u32, slot: usize) -> View {

@@ -14,7 +14,8 @@
 //! written: which module is at a path and with what attributes ([`Sketcher::decode`]), how
 //! many of a module there were ([`Sketcher::count`], [`Sketcher::joint`] over sums of sketches),
 //! how similar two inputs are ([`Sketch::cosine`]), and it still answers after its suffix is
-//! erased ([`Sketch::erase_to`]).
+//! erased ([`Sketch::erase_to`]). Over many sketches, what no known module explains clusters into
+//! emerging concepts ([`Sketcher::emerging_concepts`]).
 //!
 //! The crate is pure computation: no I/O and no threads, so the transform job, the query
 //! commands and the tests share one implementation. Matrices are never stored; they are
@@ -22,6 +23,7 @@
 //! write compatible sketches.
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
+mod concepts;
 mod construct;
 mod decode;
 pub mod learn;
@@ -31,6 +33,7 @@ mod sketch;
 mod sketcher;
 mod vector;
 
+pub use concepts::{Concept, ConceptOptions};
 pub use construct::{Dag, Edge, Node, NodeId};
 pub use decode::{BlockEstimate, DecodeOptions, Decoded};
 pub use repository::{Hit, Repository};
