@@ -183,9 +183,15 @@ fn sketches_answer_similarity_and_counts_without_the_model() {
          assert len(keys) == len(set(keys)) == int(sys.argv[2]), len(keys)\n\
          assert set(t.column('record').to_pylist()) == {0}\n\
          assert all(len(v) == 1024 for v in t.column('sketch').to_pylist())\n\
+         import json, glob\n\
+         meta = json.loads(pq.read_schema(glob.glob(sys.argv[1] + '/part-*.parquet')[0]).metadata[b'ferry.sketch'])\n\
+         assert (meta['d'], meta['c'], meta['modules']) == (1024, 1.0, 1001), meta\n\
+         ml = meta['module_list']\n\
+         p = json.load(open(sys.argv[3]))\n\
+         assert ml == [['image', p['image_dim'], 2]] + [[n, p['class_dim'], 0] for n in p['modules'][1:]], ml[:2]\n\
          print('ok')";
     let py = Command::new("python3")
-        .args(["-c", script, set.to_str().unwrap(), &(4 * PER_SOURCE).to_string()])
+        .args(["-c", script, set.to_str().unwrap(), &(4 * PER_SOURCE).to_string(), profile.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(py.status.success(), "pyarrow: {}", String::from_utf8_lossy(&py.stderr));

@@ -187,7 +187,12 @@ impl StageProfile {
 impl SketchProfile {
     /// The sketcher these sketches are made and read with.
     pub fn sketcher(&self) -> Result<Sketcher, ferry_sketch::Error> {
-        let specs: Vec<ModuleSpec> = if self.stages.is_empty() {
+        Sketcher::new(Params { d: self.d, c: self.c, seed: self.seed, ..Params::default() }, &self.module_specs())
+    }
+
+    /// The shape of every module, in id order.
+    pub fn module_specs(&self) -> Vec<ModuleSpec> {
+        if self.stages.is_empty() {
             let mut specs = vec![ModuleSpec { attr_dim: self.image_dim, n_slots: 2 }];
             specs.extend((1..self.modules.len()).map(|_| ModuleSpec { attr_dim: self.class_dim, n_slots: 0 }));
             specs
@@ -198,8 +203,7 @@ impl SketchProfile {
                 specs.extend(st.codebook.iter().map(|_| ModuleSpec { attr_dim: STAGE_DIM, n_slots: slots }));
             }
             specs
-        };
-        Sketcher::new(Params { d: self.d, c: self.c, seed: self.seed, ..Params::default() }, &specs)
+        }
     }
 
     /// Levels below the image that the recipe writes.

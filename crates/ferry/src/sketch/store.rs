@@ -59,12 +59,22 @@ pub fn write_parquet(rows: &[SketchRow], profile: &SketchProfile) -> Result<Vec<
     static SCHEMA_TYPE: std::sync::OnceLock<Arc<parquet::schema::types::Type>> = std::sync::OnceLock::new();
     let schema =
         SCHEMA_TYPE.get_or_init(|| Arc::new(parse_message_type(SCHEMA).expect("the sketch schema parses"))).clone();
+    // Everything needed to regenerate the matrices and decode, so a part file stands alone; the
+    // profile adds what turns attributes back into scores and features.
+    let module_list: Vec<serde_json::Value> = profile
+        .modules
+        .iter()
+        .zip(profile.module_specs())
+        .map(|(name, spec)| serde_json::json!([name, spec.attr_dim, spec.n_slots]))
+        .collect();
     let meta = serde_json::json!({
         "format": profile.format,
         "recipe": profile.recipe,
         "d": profile.d,
+        "c": profile.c,
         "seed": profile.seed,
         "modules": profile.modules.len(),
+        "module_list": module_list,
         "profile": format!("_ferry/{PROFILE_FILE}"),
     });
     let props = WriterProperties::builder()
