@@ -161,11 +161,20 @@ pub struct LoadOptions {
     /// Intermediate tensors to expose as extra outputs, after the model's own (for example a
     /// backbone stage read by sketches), so one forward pass serves both.
     pub extra_outputs: Vec<String>,
+    /// Instances the caller is about to ask for. ONNX Runtime builds their sessions side by side
+    /// while loading, instead of one after the other; a hint, not a limit.
+    pub instances: usize,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { kind: BackendKind::Auto, intra_op_threads: 1, onnxruntime_path: None, extra_outputs: Vec::new() }
+        Self {
+            kind: BackendKind::Auto,
+            intra_op_threads: 1,
+            onnxruntime_path: None,
+            extra_outputs: Vec::new(),
+            instances: 1,
+        }
     }
 }
 

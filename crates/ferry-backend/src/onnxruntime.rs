@@ -124,9 +124,10 @@ pub(crate) struct OrtModel {
     intra_op_threads: usize,
     info: ModelInfo,
     library: PathBuf,
-    /// The session made to describe the model, handed to the first instance: creating a session
-    /// optimises the graph, which takes a noticeable part of a second for a large model.
-    first: std::sync::Mutex<Option<Session>>,
+    /// Sessions built while loading (one describes the model), handed to the first instances:
+    /// building a session optimises the graph, which takes a noticeable part of a second for a
+    /// large model, so they are built side by side.
+    ready: std::sync::Mutex<Vec<Session>>,
 }
 
 impl OrtModel {
@@ -138,14 +139,19 @@ impl OrtModel {
             intra_op_threads: options.intra_op_threads.max(1),
             info: ModelInfo { inputs: vec![], outputs: vec![] },
             library: library.clone(),
-            first: std::sync::Mutex::new(None),
+            ready: std::sync::Mutex::new(Vec::new()),
         };
-        let session = model.session()?;
+        let sessions = std::thread::scope(|scope| {
+            let model = &model;
+            let handles: Vec<_> = (0..options.instances.max(1)).map(|_| scope.spawn(|| model.session())).collect();
+            handles.into_iter().map(|h| h.join().expect("building a session panicked")).collect::<Result<Vec<_>>>()
+        })?;
+        let session = &sessions[0];
         model.info = ModelInfo {
             inputs: session.inputs().iter().map(|o| io_info(o.name(), o.dtype())).collect(),
             outputs: session.outputs().iter().map(|o| io_info(o.name(), o.dtype())).collect(),
         };
-        model.first = std::sync::Mutex::new(Some(session));
+        model.ready = std::sync::Mutex::new(sessions);
         Ok(model)
     }
 
@@ -202,8 +208,8 @@ impl Model for OrtModel {
     }
 
     fn instance(&self) -> Result<Box<dyn Backend>> {
-        let first = self.first.lock().expect("the session slot is never poisoned").take();
-        let session = match first {
+        let ready = self.ready.lock().expect("the session pool is never poisoned").pop();
+        let session = match ready {
             Some(s) => s,
             None => self.session()?,
         };

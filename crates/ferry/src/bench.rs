@@ -55,6 +55,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, JobError> {
         intra_op_threads: cfg.intra_op_threads,
         onnxruntime_path: None,
         extra_outputs: Vec::new(),
+        instances: cfg.threads,
     };
     let model = ferry_backend::load(&dir.onnx, &options)?;
     let model_hw = dir.input.declared_hw(model.info());

@@ -493,6 +493,7 @@ fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
         intra_op_threads: cfg.intra_op_threads,
         onnxruntime_path: None,
         extra_outputs: profile.as_ref().map(own_outputs).unwrap_or_default(),
+        instances: cfg.threads,
     };
     let model = ferry_backend::load(&dir.onnx, &options)?;
     let info = model.info();

@@ -68,6 +68,7 @@ pub async fn run(cfg: FitConfig) -> Result<FitOutcome, String> {
         intra_op_threads: cfg.threads.max(1),
         onnxruntime_path: None,
         extra_outputs: cfg.settings.stages.clone(),
+        instances: 1,
     };
     let model = ferry_backend::load(&dir.onnx, &options).map_err(|e| e.to_string())?;
     let info = model.info().clone();
