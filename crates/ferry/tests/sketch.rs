@@ -41,6 +41,18 @@ fn sketch_job(
     transform(&args)
 }
 
+/// `ferry sketch fit` (classifier recipe) on the first `limit` images; returns the profile's path.
+fn fit_classifier(model: &str, images: &Path, limit: usize, dir: &Path) -> std::path::PathBuf {
+    let profile = dir.join("profile.json");
+    let out = ferry()
+        .args(["sketch", "fit", "--model", model, "--input", images.to_str().unwrap()])
+        .args(["--limit", &limit.to_string(), "--output", profile.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    profile
+}
+
 fn source(key: &str) -> &str {
     key.split('/').next().unwrap()
 }
@@ -64,16 +76,10 @@ fn sketches_answer_similarity_and_counts_without_the_model() {
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
     make_variants(&images, PER_SOURCE);
-    let profile = tmp.path().join("profile.json");
     let model = mobilenet();
     let model = model.to_str().unwrap();
     // Calibrate on a subset, as a user would on a sample of their data.
-    let out = ferry()
-        .args(["sketch", "fit", "--model", model, "--input", images.to_str().unwrap(), "--limit", "120"])
-        .args(["--output", profile.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    let profile = fit_classifier(model, &images, 120, tmp.path());
     let p = json(&profile);
     assert_eq!(p["calibration_records"], 120);
     assert_eq!(p["modules"].as_array().unwrap().len(), 1001);
@@ -220,15 +226,9 @@ fn a_killed_sketch_job_resumes_with_every_finished_object_sketched() {
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
     make_variants(&images, 40);
-    let profile = tmp.path().join("profile.json");
     let model = mobilenet();
     let model = model.to_str().unwrap();
-    let out = ferry()
-        .args(["sketch", "fit", "--model", model, "--input", images.to_str().unwrap(), "--limit", "60"])
-        .args(["--output", profile.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    let profile = fit_classifier(model, &images, 60, tmp.path());
     let (outputs, set) = (tmp.path().join("out"), tmp.path().join("sketches"));
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let mut job = ferry();
