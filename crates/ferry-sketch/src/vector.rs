@@ -32,9 +32,10 @@ pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
-/// `y += Σ_j a_j · x_j`. Rows are taken 64 at a time and held in registers across all the
-/// columns, so `y` is loaded and stored once rather than once per column; each element still sees
-/// the columns in order, so the result does not depend on the blocking.
+/// `y += Σ_j a_j · x_j`. Rows are taken 128 at a time and kept in an accumulator across all the
+/// columns, so `y` is loaded and stored once rather than once per column (128 measured faster
+/// than 32 or 64); each element still sees the columns in order, so the result does not depend
+/// on the blocking.
 #[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 pub(crate) fn combine<C: AsRef<[f32]>>(y: &mut [f32], cols: &[C], coef: &[f32]) {
     const R: usize = 128;
