@@ -81,7 +81,14 @@ impl Sketcher {
         if samples.len() < opts.min_members.max(1) {
             return Ok(Vec::new());
         }
-        let centroids = spherical_kmeans(&samples, opts.max_concepts, 25, opts.seed)?;
+        let units: Vec<Vec<f32>> = samples
+            .iter()
+            .map(|r| {
+                let n = vector::norm(r).max(f32::MIN_POSITIVE);
+                r.iter().map(|v| v / n).collect()
+            })
+            .collect();
+        let centroids = spherical_kmeans(&units, opts.max_concepts, 25, opts.seed)?;
         // Union clusters whose centroids are close, then rebuild each concept from its members.
         let mut root: Vec<usize> = (0..centroids.len()).collect();
         fn find(root: &mut [usize], mut i: usize) -> usize {
@@ -99,23 +106,19 @@ impl Sketcher {
                 }
             }
         }
-        let d = self.dim();
-        let mut groups: Vec<(Vec<usize>, Vec<f32>)> = vec![(Vec::new(), vec![0.0; d]); centroids.len()];
-        let mut units = Vec::with_capacity(samples.len());
-        for (i, r) in index.iter().zip(&samples) {
-            let g = find(&mut root, nearest(&centroids, r));
-            let u: Vec<f32> = r.iter().map(|v| v / vector::norm(r).max(f32::MIN_POSITIVE)).collect();
-            groups[g].0.push(*i);
-            vector::axpy(&mut groups[g].1, 1.0, &u);
-            units.push((g, u));
+        let group: Vec<usize> = units.iter().map(|u| find(&mut root, nearest(&centroids, u))).collect();
+        let mut groups: Vec<(Vec<usize>, Vec<f32>)> = vec![(Vec::new(), vec![0.0; self.dim()]); centroids.len()];
+        for ((&g, u), &i) in group.iter().zip(&units).zip(&index) {
+            groups[g].0.push(i);
+            vector::axpy(&mut groups[g].1, 1.0, u);
         }
-        let mut cohesion = vec![0.0f32; groups.len()];
         for g in &mut groups {
             let n = vector::norm(&g.1).max(f32::MIN_POSITIVE);
             g.1.iter_mut().for_each(|v| *v /= n);
         }
-        for (g, u) in &units {
-            cohesion[*g] += vector::dot(u, &groups[*g].1);
+        let mut cohesion = vec![0.0f32; groups.len()];
+        for (&g, u) in group.iter().zip(&units) {
+            cohesion[g] += vector::dot(u, &groups[g].1);
         }
         let mut out: Vec<Concept> = groups
             .into_iter()

@@ -53,8 +53,14 @@ impl Sketch {
 
     /// Cosine similarity over the coordinates both sketches kept; 0 when either is zero.
     pub fn cosine(&self, other: &Sketch) -> f32 {
-        let n = self.kept().min(other.kept());
-        let (a, b) = (&self.data[..n], &other.data[..n]);
+        self.cosine_to(&other.data)
+    }
+
+    /// [`Sketch::cosine`] with the kept values of another sketch of the same parameters, for
+    /// callers that hold them without a `Sketch` (a row read from a file).
+    pub fn cosine_to(&self, other: &[f32]) -> f32 {
+        let n = self.kept().min(other.len());
+        let (a, b) = (&self.data[..n], &other[..n]);
         let den = vector::norm(a) * vector::norm(b);
         if den == 0.0 {
             0.0
@@ -67,9 +73,16 @@ impl Sketch {
 impl AddAssign<&Sketch> for Sketch {
     /// Sums two sketches over their common prefix: the sketch of the union of their inputs.
     fn add_assign(&mut self, rhs: &Sketch) {
-        let n = self.kept().min(rhs.kept());
+        *self += rhs.data.as_slice();
+    }
+}
+
+impl AddAssign<&[f32]> for Sketch {
+    /// Adds the kept values of another sketch of the same parameters, over the common prefix.
+    fn add_assign(&mut self, rhs: &[f32]) {
+        let n = self.kept().min(rhs.len());
         self.data.truncate(n);
-        vector::axpy(&mut self.data, 1.0, &rhs.data[..n]);
+        vector::axpy(&mut self.data, 1.0, &rhs[..n]);
     }
 }
 

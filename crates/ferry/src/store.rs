@@ -8,10 +8,11 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
-use object_store::{ObjectStore, RetryConfig};
+use object_store::{ObjectStore, ObjectStoreExt, RetryConfig};
 
 /// Errors opening a location or mapping keys.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +50,11 @@ pub struct Location {
     pub prefix: Path,
     /// The location as the user wrote it.
     pub url: String,
+}
+
+/// The whole of one object.
+pub async fn get_bytes(store: &dyn ObjectStore, key: &Path) -> object_store::Result<Bytes> {
+    store.get(key).await?.bytes().await
 }
 
 impl Location {

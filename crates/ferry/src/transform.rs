@@ -47,7 +47,7 @@ use crate::progress::{Progress, ProgressMode};
 use crate::sketch::profile::PROFILE_FILE;
 use crate::sketch::store::{profile_key, write_parquet, SketchRow};
 use crate::sketch::SketchProfile;
-use crate::store::{Location, StoreError};
+use crate::store::{get_bytes, Location, StoreError};
 
 /// What to do with a record that fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
@@ -390,7 +390,7 @@ enum PartMsg {
 /// written. A part that cannot be written fails its objects without writing their `.out`s, so a
 /// rerun redoes them.
 struct PartWriter {
-    profile: Arc<SketchWriter>,
+    sketch: Arc<SketchWriter>,
     sketches: Arc<dyn ObjectStore>,
     sketch_limit: Arc<Semaphore>,
     prefix: Path,
@@ -434,45 +434,32 @@ impl PartWriter {
         self.flush(held).await;
     }
 
-    async fn flush(&mut self, held: Vec<Parked>) {
+    async fn flush(&mut self, mut held: Vec<Parked>) {
         if held.is_empty() {
             return;
         }
-        let t = Instant::now();
         let key = self.prefix.clone().join(format!("part-{}-{:05}.parquet", self.run, self.seq).as_str());
         self.seq += 1;
-        let rows: Vec<SketchRow> = held.iter().flat_map(|p| p.rows.iter().cloned()).collect();
-        let written = match write_parquet(&rows, &self.profile.profile) {
+        let rows: Vec<SketchRow> = held.iter_mut().flat_map(|p| std::mem::take(&mut p.rows)).collect();
+        let t = Instant::now();
+        let part = write_parquet(&rows, &self.sketch.profile);
+        Stats::add(&self.stats.sketch_ns, t);
+        let written = match part {
             Ok(body) => {
-                let len = body.len() as u64;
-                let put =
-                    write_object(self.sketches.clone(), key.clone(), body, self.part_size, &self.sketch_limit).await;
-                if put.is_ok() {
-                    self.stats.bytes_written.fetch_add(len, Ordering::Relaxed);
-                }
-                put
+                let (store, limit) = (self.sketches.clone(), &self.sketch_limit);
+                write_object(store, key.clone(), body, self.part_size, limit, &self.stats).await
             }
             Err(e) => Err(e),
         };
-        Stats::add(&self.stats.write_ns, t);
         let written = written.map_err(|e| format!("sketch part {key}: {e}"));
         let (written, output, part_size, out_limit) = (&written, &self.output, self.part_size, &*self.out_limit);
         let (events, stats) = (&self.events, &self.stats);
         futures::stream::iter(held)
             .for_each_concurrent(32, |p| async move {
-                let t = Instant::now();
                 let outcome = match written {
-                    Ok(()) => {
-                        let len = p.body.len() as u64;
-                        let r = write_object(output.clone(), p.out_key, p.body, part_size, out_limit).await;
-                        if r.is_ok() {
-                            stats.bytes_written.fetch_add(len, Ordering::Relaxed);
-                        }
-                        r
-                    }
+                    Ok(()) => write_object(output.clone(), p.out_key, p.body, part_size, out_limit, stats).await,
                     Err(e) => Err(e.clone()),
                 };
-                Stats::add(&stats.write_ns, t);
                 let _ = events.send(Event::Written { id: p.id, outcome }).await;
             })
             .await;
@@ -558,10 +545,7 @@ fn load_profile(cfg: &JobConfig, dir: &ModelDir) -> Result<SketchProfile, JobErr
             cfg.model.display()
         ))
     })?;
-    let profile: SketchProfile =
-        serde_json::from_slice(&text).map_err(|e| JobError::Config(format!("{}: {e}", path.display())))?;
-    profile.validate().map_err(|e| JobError::Config(format!("{}: {e}", path.display())))?;
-    Ok(profile)
+    SketchProfile::from_json(&text).map_err(|e| JobError::Config(format!("{}: {e}", path.display())))
 }
 
 async fn list(location: &Location) -> Result<Vec<ObjectMeta>, JobError> {
@@ -800,10 +784,7 @@ async fn run_pipeline(
                     (items.clone(), store.clone(), events.clone(), decode_tx.clone(), stats.clone());
                 tokio::spawn(async move {
                     let t = Instant::now();
-                    let got = match store.get(&items[id].key).await {
-                        Ok(r) => r.bytes().await,
-                        Err(e) => Err(e),
-                    };
+                    let got = get_bytes(store.as_ref(), &items[id].key).await;
                     Stats::add(&stats.fetch_ns, t);
                     match got {
                         Ok(bytes) => {
@@ -835,7 +816,7 @@ async fn run_pipeline(
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.as_millis());
             let writer = PartWriter {
-                profile: w.clone(),
+                sketch: w.clone(),
                 sketches: set.store.clone(),
                 sketch_limit: write_limit(set),
                 prefix: set.prefix.clone(),
@@ -953,16 +934,7 @@ async fn run_pipeline(
                             }
                             Err("the sketch part writer stopped. This is a bug.".to_string())
                         }
-                        _ => {
-                            let t = Instant::now();
-                            let len = body.len() as u64;
-                            let outcome = write_object(store, key, body, part_size, &write_limit).await;
-                            Stats::add(&stats.write_ns, t);
-                            if outcome.is_ok() {
-                                stats.bytes_written.fetch_add(len, Ordering::Relaxed);
-                            }
-                            outcome
-                        }
+                        _ => write_object(store, key, body, part_size, &write_limit, &stats).await,
                     };
                     let _ = tx.send(Event::Written { id, outcome }).await;
                 });
@@ -1023,20 +995,30 @@ fn write_limit(at: &Location) -> Arc<Semaphore> {
     Arc::new(Semaphore::new(n))
 }
 
+/// One atomic put (multipart past `part_size`), counted in the job's write time and bytes.
 async fn write_object(
     store: Arc<dyn ObjectStore>,
     key: Path,
     body: Vec<u8>,
     part_size: usize,
     limit: &Semaphore,
+    stats: &Stats,
 ) -> Result<(), String> {
+    let t = Instant::now();
     let _permit = limit.acquire().await.expect("the write limit is never closed");
     let mut writer = BufWriter::with_capacity(store, key, part_size);
-    if let Err(e) = writer.write_all(&body).await {
-        let _ = writer.abort().await;
-        return Err(format!("write failed: {e}"));
+    let outcome = match writer.write_all(&body).await {
+        Ok(()) => writer.shutdown().await.map_err(|e| format!("write failed: {e}")),
+        Err(e) => {
+            let _ = writer.abort().await;
+            Err(format!("write failed: {e}"))
+        }
+    };
+    Stats::add(&stats.write_ns, t);
+    if outcome.is_ok() {
+        stats.bytes_written.fetch_add(body.len() as u64, Ordering::Relaxed);
     }
-    writer.shutdown().await.map_err(|e| format!("write failed: {e}"))
+    outcome
 }
 
 fn decode_loop(

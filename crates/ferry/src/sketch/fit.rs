@@ -8,12 +8,11 @@ use std::path::PathBuf;
 
 use ferry_backend::{BackendKind, LoadOptions, Tensor};
 use futures::{StreamExt, TryStreamExt};
-use object_store::ObjectStoreExt;
 
 use super::profile::{fit_profile, fit_stage, peaks, FitSettings, Peak, SketchProfile, PROFILE_FILE};
 use crate::image::{ImageDecoder, ImagePlan};
 use crate::model::ModelDir;
-use crate::store::Location;
+use crate::store::{get_bytes, Location};
 
 /// What to fit on and where the profile goes.
 #[derive(Debug, Clone)]
@@ -104,10 +103,7 @@ pub async fn run(cfg: FitConfig) -> Result<FitOutcome, String> {
         .map(|key| {
             let store = store.clone();
             async move {
-                let got = match store.get(&key).await {
-                    Ok(r) => r.bytes().await.map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
+                let got = get_bytes(store.as_ref(), &key).await.map_err(|e| e.to_string());
                 (key.to_string(), got)
             }
         })

@@ -276,6 +276,13 @@ impl SketchProfile {
         Ok(dag)
     }
 
+    /// Parses a profile file and checks it.
+    pub fn from_json(text: &[u8]) -> Result<SketchProfile, String> {
+        let profile: SketchProfile = serde_json::from_slice(text).map_err(|e| e.to_string())?;
+        profile.validate()?;
+        Ok(profile)
+    }
+
     /// Checks internal consistency (a hand-edited or truncated file).
     pub fn validate(&self) -> Result<(), String> {
         if self.format != 1 || !matches!(self.recipe.as_str(), "classifier" | "stages") {

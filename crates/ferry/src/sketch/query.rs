@@ -95,7 +95,7 @@ impl Queries {
             .rows
             .iter()
             .filter(|r| !(r.key == q.key && r.record == q.record))
-            .map(|r| Similar { key: r.key.clone(), record: r.record, cosine: qs.cosine(&Self::sketch(r)) })
+            .map(|r| Similar { key: r.key.clone(), record: r.record, cosine: qs.cosine_to(&r.sketch) })
             .collect();
         all.sort_by(|a, b| b.cosine.total_cmp(&a.cosine).then(a.key.cmp(&b.key)));
         all.truncate(k);
@@ -127,7 +127,7 @@ impl Queries {
         let kept = rows.iter().map(|r| r.sketch.len()).min().expect("not empty");
         let mut total = Sketch { data: vec![0.0; kept], full_dim: self.set.profile.d };
         for r in &rows {
-            total += &Self::sketch(r);
+            total += r.sketch.as_slice();
         }
         let sk = &self.sketcher;
         let view = sk.view(&total).map_err(|e| e.to_string())?;

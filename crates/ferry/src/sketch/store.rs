@@ -13,7 +13,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
-use object_store::ObjectStoreExt;
 use parquet::basic::Compression;
 use parquet::data_type::{ByteArray, ByteArrayType, FloatType, Int32Type, Int64Type};
 use parquet::file::metadata::KeyValue;
@@ -24,7 +23,7 @@ use parquet::record::{ListAccessor, RowAccessor};
 use parquet::schema::parser::parse_message_type;
 
 use super::profile::{SketchProfile, PROFILE_FILE};
-use crate::store::Location;
+use crate::store::{get_bytes, Location};
 
 const SCHEMA: &str = "
 message ferry_sketch {
@@ -169,16 +168,10 @@ impl SketchSet {
     pub async fn load(url: &str, max_retries: usize) -> Result<SketchSet, String> {
         let set = Location::open(url, false, max_retries).map_err(|e| e.to_string())?;
         let pkey = profile_key(&set);
-        let text = set
-            .store
-            .get(&pkey)
+        let text = get_bytes(set.store.as_ref(), &pkey)
             .await
-            .map_err(|e| format!("{url}: no sketch profile at {pkey} ({e}); is this a sketch set?"))?
-            .bytes()
-            .await
-            .map_err(|e| format!("{pkey}: {e}"))?;
-        let profile: SketchProfile = serde_json::from_slice(&text).map_err(|e| format!("{pkey}: {e}"))?;
-        profile.validate().map_err(|e| format!("{pkey}: {e}"))?;
+            .map_err(|e| format!("{url}: no sketch profile at {pkey} ({e}); is this a sketch set?"))?;
+        let profile = SketchProfile::from_json(&text).map_err(|e| format!("{pkey}: {e}"))?;
         let metas: Vec<_> =
             set.store.list(Some(&set.prefix)).try_collect().await.map_err(|e| format!("listing {url}: {e}"))?;
         let keys: Vec<Path> =
@@ -188,13 +181,7 @@ impl SketchSet {
             .map(|key| {
                 let store = store.clone();
                 async move {
-                    let bytes = store
-                        .get(&key)
-                        .await
-                        .map_err(|e| format!("{key}: {e}"))?
-                        .bytes()
-                        .await
-                        .map_err(|e| format!("{key}: {e}"))?;
+                    let bytes = get_bytes(store.as_ref(), &key).await.map_err(|e| format!("{key}: {e}"))?;
                     read_parquet(bytes).map_err(|e| format!("{key}: {e}"))
                 }
             })
