@@ -28,8 +28,9 @@ const WORKLOADS: [Workload; 2] = [
     Workload { name: "d4096", d: 4096, k: 16, m: 64, fan: 2, depth: 4, trees: 50 },
 ];
 
-/// Microseconds per tree (best of rounds) for construction and for a full decode.
-fn run(w: &Workload) -> (f64, f64, f64) {
+/// Microseconds per tree (best of rounds) for construction on one thread and on two (each
+/// building half of the trees), and for a full decode.
+fn run(w: &Workload) -> (f64, f64, f64, f64) {
     let sk = Sketcher::new(
         Params { d: w.d, seed: 1, ..Params::default() },
         &vec![ModuleSpec { attr_dim: w.k, n_slots: w.fan }; w.m],
@@ -42,18 +43,27 @@ fn run(w: &Workload) -> (f64, f64, f64) {
     for t in &forest {
         sk.decode(&sk.sketch(t).unwrap(), DecodeOptions { max_depth: w.depth, ..Default::default() }).unwrap();
     }
-    let (mut best_s, mut best_d, mut objects) = (f64::MAX, f64::MAX, 0.0);
+    let (mut best_s, mut best_s2, mut best_d, mut objects) = (f64::MAX, f64::MAX, f64::MAX, 0.0);
     for _ in 0..10 {
         let t0 = Instant::now();
         let sketches = sk.sketch_batch(black_box(&forest)).unwrap();
         best_s = best_s.min(t0.elapsed().as_secs_f64());
+        let t0 = Instant::now();
+        let (a, b) = forest.split_at(forest.len() / 2);
+        std::thread::scope(|scope| {
+            let other = scope.spawn(|| black_box(sk.sketch_batch(black_box(b)).unwrap()));
+            black_box(sk.sketch_batch(black_box(a)).unwrap());
+            other.join().unwrap();
+        });
+        best_s2 = best_s2.min(t0.elapsed().as_secs_f64());
         let t0 = Instant::now();
         let decoded = sk.decode_batch(black_box(&sketches), DecodeOptions { max_depth: w.depth, ..Default::default() });
         let n: usize = black_box(decoded.unwrap()).iter().map(Vec::len).sum();
         best_d = best_d.min(t0.elapsed().as_secs_f64());
         objects = n as f64 / w.trees as f64;
     }
-    (best_s / w.trees as f64 * 1e6, best_d / w.trees as f64 * 1e6, objects)
+    let per_tree = |t: f64| t / w.trees as f64 * 1e6;
+    (per_tree(best_s), per_tree(best_s2), per_tree(best_d), objects)
 }
 
 fn peer() -> Option<serde_json::Value> {
@@ -73,23 +83,25 @@ fn main() {
     }
     let peer = if std::env::var_os("FERRY_BENCH_NO_PEER").is_some() { None } else { peer() };
     println!(
-        "{:<7} {:>9} {:>12} {:>12} {:>8} {:>12} {:>12} {:>8}",
-        "", "objects", "sketch µs", "numpy µs", "ratio", "decode µs", "numpy µs", "ratio"
+        "{:<7} {:>9} {:>11} {:>11} {:>10} {:>7} {:>7} {:>11} {:>11} {:>7}",
+        "", "objects", "sketch µs", "2 threads", "numpy µs", "ratio", "ratio 2", "decode µs", "numpy µs", "ratio"
     );
     for w in &WORKLOADS {
-        let (s, d, objects) = run(w);
+        let (s, s2, d, objects) = run(w);
         let p = peer.as_ref().and_then(|p| p.get(w.name));
         let ps = p.and_then(|p| p["sketch_us"].as_f64());
         let pd = p.and_then(|p| p["decode_us"].as_f64());
         let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
         let ratio = |a: Option<f64>, b: f64| a.map_or("-".to_string(), |a| format!("{:.1}×", a / b));
         println!(
-            "{:<7} {:>9.1} {:>12.1} {:>12} {:>8} {:>12.1} {:>12} {:>8}",
+            "{:<7} {:>9.1} {:>11.1} {:>11.1} {:>10} {:>7} {:>7} {:>11.1} {:>11} {:>7}",
             w.name,
             objects,
             s,
+            s2,
             fmt(ps),
             ratio(ps, s),
+            ratio(ps, s2),
             d,
             fmt(pd),
             ratio(pd, d)

@@ -1,7 +1,9 @@
 //! The recursive construction `s(θ) = R_M [c; x_θ] + Σ_j α_j Q_{M,j} s(θ_j)`, memoised over a DAG.
 
+use std::cell::Cell;
+
 use crate::sketch::Sketch;
-use crate::sketcher::Sketcher;
+use crate::sketcher::{Sketcher, COLUMN_PAD};
 use crate::{Error, Result};
 
 /// Index of a node in [`Dag::nodes`].
@@ -57,27 +59,27 @@ impl Sketcher {
         Ok(self.sketch_batch(std::slice::from_ref(dag))?.remove(0))
     }
 
-    /// The sketches of many DAGs.
+    /// The sketches of many DAGs. Building many at once is faster than one by one: the objects
+    /// of all of them are embedded module by module, so each embedding is read once per batch.
     pub fn sketch_batch(&self, dags: &[Dag]) -> Result<Vec<Sketch>> {
         let d = self.dim();
-        let mut pool = Vec::new();
-        dags.iter()
-            .map(|dag| {
-                let mut out = vec![0.0f32; d];
-                let mut top_weight = vec![0.0f32; dag.nodes.len()];
-                for &(id, w) in &dag.top {
-                    if let Some(t) = top_weight.get_mut(id) {
-                        *t += w;
-                    }
+        let orders = dags.iter().map(|dag| self.post_order(dag)).collect::<Result<Vec<_>>>()?;
+        let mut out = Vec::with_capacity(dags.len());
+        self.build(dags, &orders, |i, node| {
+            let dag = &dags[i];
+            let mut top_weight = vec![0.0f32; dag.nodes.len()];
+            for &(id, w) in &dag.top {
+                top_weight[id] += w;
+            }
+            let mut s = vec![0.0f32; d];
+            for &id in &orders[i] {
+                if top_weight[id] != 0.0 {
+                    crate::vector::axpy(&mut s, top_weight[id], node.get(id));
                 }
-                self.walk(dag, None, &mut pool, |id, s| {
-                    if top_weight[id] != 0.0 {
-                        crate::vector::axpy(&mut out, top_weight[id], s);
-                    }
-                })?;
-                Ok(Sketch { data: out, full_dim: d })
-            })
-            .collect()
+            }
+            out.push(Sketch { data: s, full_dim: d });
+        });
+        Ok(out)
     }
 
     /// The sketch `s(θ)` of one node of a DAG (its subtree), for storing objects individually.
@@ -85,66 +87,94 @@ impl Sketcher {
         if id >= dag.nodes.len() {
             return Err(Error::Dag(format!("node {id} does not exist")));
         }
-        let mut found = Vec::new();
-        self.walk(dag, Some(id), &mut Vec::new(), |node, s| {
-            if node == id {
-                found = s.to_vec();
-            }
-        })?;
-        Ok(Sketch { data: found, full_dim: self.dim() })
-    }
-
-    /// Computes `s(θ)` for the nodes of a DAG, children first, handing each finished one to
-    /// `visit`. Nodes are visited in post order so that a child's vector is still in cache when
-    /// its parent adds it, and a vector goes back to `pool` as soon as its last parent has read
-    /// it, so the working set is a few vectors rather than one per node: memory traffic, not
-    /// arithmetic, is what construction time is made of (an embedding is `d·(k+1)` floats, each
-    /// used for one multiply-add). `only`: stop after that node.
-    fn walk(
-        &self,
-        dag: &Dag,
-        only: Option<NodeId>,
-        pool: &mut Vec<Vec<f32>>,
-        mut visit: impl FnMut(NodeId, &[f32]),
-    ) -> Result<()> {
         let d = self.dim();
         let order = self.post_order(dag)?;
-        let mut uses = vec![0u32; dag.nodes.len()];
-        for n in &dag.nodes {
-            for e in &n.children {
-                uses[e.child] += 1;
-            }
-        }
+        let mut found = Vec::new();
+        self.build(std::slice::from_ref(dag), std::slice::from_ref(&order), |_, node| {
+            found = node.get(id).to_vec();
+        });
+        Ok(Sketch { data: found, full_dim: d })
+    }
+
+    /// Computes `s(θ)` for every node of the DAGs and hands each DAG's vectors (node `n` at
+    /// `n·d`) to `finish`. Two passes over a chunk of DAGs whose vectors fit [`Sketcher::arena_bytes`]:
+    /// first every node's own term `R_M [c; x_θ]`, module by module and a block of rows at a
+    /// time for all of a module's nodes, so a block of the embedding is loaded into L1 once
+    /// per chunk rather than the whole embedding streamed once per node (an embedding is
+    /// `d·(k+1)` floats, each used for one multiply-add, so reading it was the cost); then the
+    /// children, in post order, each added into its parents by one signed-permutation gather.
+    /// The arithmetic is the recursion's, in the same order, so results do not depend on how
+    /// DAGs are batched.
+    fn build(&self, dags: &[Dag], orders: &[Vec<NodeId>], mut finish: impl FnMut(usize, Vectors<'_>)) {
+        let d = self.dim();
+        // Padded like embedding columns, for the same reason.
+        let ds = d + COLUMN_PAD;
         let c = self.params().c;
-        let mut own: Vec<Option<Vec<f32>>> = vec![None; dag.nodes.len()];
-        let mut coef = Vec::new();
-        for id in order {
-            let node = &dag.nodes[id];
-            let mut s = pool.pop().unwrap_or_else(|| vec![0.0; d]);
-            coef.clear();
-            coef.push(c);
-            coef.extend_from_slice(&node.attr);
-            s.fill(0.0);
-            crate::vector::combine(&mut s, &self.embedding(node.module).cols, &coef);
-            for e in &node.children {
-                let child = own[e.child].as_deref().expect("children come first in post order");
-                self.rotation(node.module, e.slot).apply_add(child, e.weight, &mut s);
-                uses[e.child] -= 1;
-                if uses[e.child] == 0 {
-                    pool.extend(own[e.child].take());
+        let cap = self.arena_bytes(dags);
+        let mut arena = ARENA.take();
+        let mut start = 0;
+        while start < dags.len() {
+            let (mut end, mut nodes) = (start, 0);
+            while end < dags.len() && (end == start || (nodes + dags[end].nodes.len()) * ds * 4 <= cap) {
+                nodes += dags[end].nodes.len();
+                end += 1;
+            }
+            let chunk = &dags[start..end];
+            if arena.len() < nodes * ds {
+                arena.resize(nodes * ds, 0.0);
+            }
+            let mut items = Vec::with_capacity(nodes);
+            let mut base = 0;
+            for (i, dag) in chunk.iter().enumerate() {
+                items.extend(dag.nodes.iter().enumerate().map(|(id, n)| (n.module, base + id, i, id)));
+                base += dag.nodes.len();
+            }
+            items.sort_unstable_by_key(|&(module, slot, ..)| (module, slot));
+            let mut coef = Vec::new();
+            let mut slots = Vec::new();
+            for group in items.chunk_by(|a, b| a.0 == b.0) {
+                coef.clear();
+                slots.clear();
+                for &(_, slot, i, id) in group {
+                    coef.push(c);
+                    coef.extend_from_slice(&chunk[i].nodes[id].attr);
+                    slots.push(slot);
                 }
+                let cols: Vec<&[f32]> = self.embedding(group[0].0).cols().collect();
+                crate::vector::combine_into(&mut arena, ds, &slots, &cols, &coef);
             }
-            visit(id, &s);
-            if only == Some(id) {
-                return Ok(());
+            let mut base = 0;
+            for (i, dag) in chunk.iter().enumerate() {
+                let vectors = &mut arena[base * ds..(base + dag.nodes.len()) * ds];
+                for &id in &orders[start + i] {
+                    let node = &dag.nodes[id];
+                    for e in &node.children {
+                        let (parent, child) = pair(vectors, ds, d, id, e.child);
+                        self.rotation(node.module, e.slot).apply_add(child, e.weight, parent);
+                    }
+                }
+                finish(start + i, Vectors { data: vectors, stride: ds, d });
+                base += dag.nodes.len();
             }
-            if uses[id] == 0 {
-                pool.push(s);
-            } else {
-                own[id] = Some(s);
+            start = end;
+        }
+        ARENA.set(arena);
+    }
+
+    /// How many bytes of node vectors one pass of [`Sketcher::build`] should hold: as many as
+    /// the embeddings the DAGs use, so that reading the embeddings once per pass costs no more
+    /// than writing and reading the node vectors, within [`ARENA_BYTES`].
+    fn arena_bytes(&self, dags: &[Dag]) -> usize {
+        let mut seen = vec![false; self.modules().len()];
+        let mut bytes = 0;
+        for node in dags.iter().flat_map(|dag| &dag.nodes) {
+            let m = node.module as usize;
+            if !seen[m] {
+                seen[m] = true;
+                bytes += (self.modules()[m].attr_dim + 1) * self.dim() * 4;
             }
         }
-        Ok(())
+        bytes.clamp(ARENA_BYTES.start, ARENA_BYTES.end)
     }
 
     /// Checks a DAG against the modules and orders its nodes children first.
@@ -208,6 +238,40 @@ impl Sketcher {
             }
         }
         Ok(order)
+    }
+}
+
+/// The range of [`Sketcher::arena_bytes`]: at least what stays in this generation's L3 caches,
+/// at most what a batch may hold in memory.
+const ARENA_BYTES: std::ops::Range<usize> = (4 << 20)..(64 << 20);
+
+thread_local! {
+    /// The node vectors of the chunk being built, kept between calls: a fresh allocation of
+    /// this size costs its page faults on every batch.
+    static ARENA: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// The node vectors of one DAG, node `n` at `n · stride`.
+struct Vectors<'a> {
+    data: &'a [f32],
+    stride: usize,
+    d: usize,
+}
+
+impl Vectors<'_> {
+    fn get(&self, id: NodeId) -> &[f32] {
+        &self.data[id * self.stride..][..self.d]
+    }
+}
+
+/// Node `a`'s vector for writing and node `b`'s for reading, `a != b`; vectors `ds` apart.
+fn pair(vectors: &mut [f32], ds: usize, d: usize, a: usize, b: usize) -> (&mut [f32], &[f32]) {
+    if a < b {
+        let (lo, hi) = vectors.split_at_mut(b * ds);
+        (&mut lo[a * ds..][..d], &hi[..d])
+    } else {
+        let (lo, hi) = vectors.split_at_mut(a * ds);
+        (&mut hi[..d], &lo[b * ds..][..d])
     }
 }
 

@@ -347,8 +347,8 @@ impl Sketcher {
                 chain.push((found[p].module, found[at].path[found[at].path.len() - 1] as usize));
                 at = p;
             }
-            for col in &self.embedding(obj.module).cols {
-                let mut c = col.clone();
+            for col in self.embedding(obj.module).cols() {
+                let mut c = col.to_vec();
                 for &(m, slot) in &chain {
                     c = self.rotation(m, slot).apply(&c);
                 }
@@ -370,7 +370,7 @@ impl Sketcher {
 
     /// The embedding columns of `modules`, restricted to the valid coordinates of `v`.
     fn columns<'a>(&'a self, v: &View, modules: &[u32]) -> Vec<Cow<'a, [f32]>> {
-        modules.iter().flat_map(|&m| self.embedding(m).cols.iter().map(|col| masked(col, v.mask.as_deref()))).collect()
+        modules.iter().flat_map(|&m| self.embedding(m).cols().map(|col| masked(col, v.mask.as_deref()))).collect()
     }
 
     /// Least squares `argmin_z ‖u − [R_m…] z‖` over the valid coordinates. The blocks are

@@ -55,10 +55,40 @@ pub struct ModuleSpec {
     pub n_slots: usize,
 }
 
-/// A module embedding `R_M`, stored column by column (each column contiguous, length `d`).
+/// A module embedding `R_M`, stored column by column in one buffer. Consecutive columns start
+/// [`COLUMN_PAD`] floats apart beyond `d`: with `d` a power of two, unpadded columns would
+/// all begin at the same offset within a page and compete for the same few L1 sets, so a block
+/// of rows across all columns, which construction reuses for many objects, would not stay in L1.
 #[derive(Debug)]
 pub(crate) struct Embedding {
-    pub(crate) cols: Vec<Vec<f32>>,
+    data: Vec<f32>,
+    d: usize,
+}
+
+/// See [`Embedding`]: 64 floats is four cache lines, so 17 columns of a 64-row block fall in
+/// different sets.
+pub(crate) const COLUMN_PAD: usize = 64;
+
+impl Embedding {
+    fn new(cols: impl IntoIterator<Item = Vec<f32>>, d: usize) -> Self {
+        let mut data = Vec::new();
+        for c in cols {
+            assert_eq!(c.len(), d, "an embedding column of another dimension");
+            data.extend_from_slice(&c);
+            data.resize(data.len() + COLUMN_PAD, 0.0);
+        }
+        Embedding { data, d }
+    }
+
+    /// Column `i`, `d` floats.
+    pub(crate) fn col(&self, i: usize) -> &[f32] {
+        &self.data[i * (self.d + COLUMN_PAD)..][..self.d]
+    }
+
+    /// All columns, presence first.
+    pub(crate) fn cols(&self) -> impl ExactSizeIterator<Item = &[f32]> {
+        self.data.chunks_exact(self.d + COLUMN_PAD).map(|c| &c[..self.d])
+    }
 }
 
 /// A signed permutation `(Qv)[perm[i]] = sign[i] · v[i]`, kept in both directions so that
@@ -206,7 +236,7 @@ impl Sketcher {
 
     /// Column `i` of `R_M` (column 0 is the presence vector).
     pub fn embedding_column(&self, m: u32, i: usize) -> &[f32] {
-        &self.embedding(m).cols[i]
+        self.embedding(m).col(i)
     }
 
     pub(crate) fn embedding(&self, m: u32) -> &Embedding {
@@ -280,5 +310,5 @@ fn build_embedding(p: &Params, m: u64, k: usize, presence: &[f32]) -> Embedding 
             }
         }
     }
-    Embedding { cols }
+    Embedding::new(cols, d)
 }

@@ -62,6 +62,51 @@ pub(crate) fn combine<C: AsRef<[f32]>>(y: &mut [f32], cols: &[C], coef: &[f32]) 
     }
 }
 
+/// For each `i`, `out[slots[i]·stride ..][..d] = Σ_j coef[i·n + j] · cols[j]` (`n = cols.len()`,
+/// `d` the columns' length):
+/// [`combine`] into zeroed vectors, for many vectors over the same columns. Rows go 64 at a time,
+/// and each block of rows of the columns is used for every output before the next block is
+/// loaded, so the columns are read from memory once for all outputs rather than once each.
+/// Same operations in the same order as `combine`, so the same results.
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+pub(crate) fn combine_into(out: &mut [f32], stride: usize, slots: &[usize], cols: &[&[f32]], coef: &[f32]) {
+    const R: usize = 64;
+    let n = cols.len();
+    assert_eq!(coef.len(), slots.len() * n, "one coefficient per column per output");
+    let d = cols.first().map_or(0, |c| c.len());
+    assert!(cols.iter().all(|c| c.len() == d) && d <= stride, "columns of one length, at most the stride");
+    let mut start = 0;
+    while start < d {
+        let len = R.min(d - start);
+        for (&slot, coef) in slots.iter().zip(coef.chunks_exact(n)) {
+            let y = &mut out[slot * stride + start..][..len];
+            if len == R {
+                let mut acc = [0.0f32; R];
+                for (col, &a) in cols.iter().zip(coef) {
+                    if a == 0.0 {
+                        continue;
+                    }
+                    let x: &[f32; R] = col[start..start + R].try_into().expect("R floats");
+                    for l in 0..R {
+                        acc[l] += a * x[l];
+                    }
+                }
+                y.copy_from_slice(&acc);
+            } else {
+                y.fill(0.0);
+                for (i, y) in y.iter_mut().enumerate() {
+                    for (col, &a) in cols.iter().zip(coef) {
+                        if a != 0.0 {
+                            *y += a * col[start + i];
+                        }
+                    }
+                }
+            }
+        }
+        start += len;
+    }
+}
+
 /// `y[i] += a · sign[i] · x[idx[i]]`: a signed permutation applied by gathering, without
 /// bounds checks so that the loop vectorises.
 ///

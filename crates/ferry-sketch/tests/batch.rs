@@ -26,6 +26,60 @@ fn a_batch_builds_the_sketches_one_at_a_time_would() {
     assert!(sk.sketch_batch(&bad).unwrap_err().to_string().contains("99"));
 }
 
+/// `s(θ)` by the recursion as written, in f64 from the public matrices.
+fn recursion(sk: &ferry_sketch::Sketcher, dag: &ferry_sketch::Dag, id: usize) -> Vec<f64> {
+    let node = &dag.nodes[id];
+    let mut s = vec![0.0f64; sk.dim()];
+    for (j, a) in std::iter::once(sk.params().c).chain(node.attr.iter().copied()).enumerate() {
+        for (s, &r) in s.iter_mut().zip(sk.embedding_column(node.module, j)) {
+            *s += a as f64 * r as f64;
+        }
+    }
+    for e in &node.children {
+        let child: Vec<f32> = recursion(sk, dag, e.child).iter().map(|&v| v as f32).collect();
+        for (s, q) in s.iter_mut().zip(sk.rotate(node.module, e.slot, &child)) {
+            *s += e.weight as f64 * q as f64;
+        }
+    }
+    s
+}
+
+fn close(got: &[f32], want: &[f64]) -> bool {
+    let err: f64 = got.iter().zip(want).map(|(&g, &w)| (g as f64 - w).powi(2)).sum::<f64>().sqrt();
+    err <= 1e-5 * want.iter().map(|w| w * w).sum::<f64>().sqrt()
+}
+
+#[test]
+fn a_batch_larger_than_one_pass_matches_the_recursion() {
+    // d = 4096 with 8 modules: a pass holds a few hundred nodes, so 60 trees of 31 take several.
+    let sk = sketcher(4096, 16, 8, 2, 7);
+    let mut r = rng(8);
+    let mut forest: Vec<_> = (0..60).map(|_| random_tree(&mut r, 8, 16, 2, 4, 0.5).dag).collect();
+    // A shared child under two parents, and a top object listed twice.
+    let mut dag = ferry_sketch::Dag::default();
+    let (a, b, shared) = (dag.add(1, unit(&mut r, 16)), dag.add(2, unit(&mut r, 16)), dag.add(3, unit(&mut r, 16)));
+    dag.link(a, 0, 0.5, shared);
+    dag.link(b, 1, 0.25, shared);
+    dag.link(a, 1, 0.5, b);
+    dag.top = vec![(a, 1.0), (b, 0.5), (a, 0.25)];
+    forest.insert(30, dag.clone());
+    let batch = sk.sketch_batch(&forest).unwrap();
+    for (dag, s) in forest.iter().zip(&batch) {
+        assert_eq!(bits(s), bits(&sk.sketch(dag).unwrap()));
+    }
+    for i in [0, 29, 30, 31, 60] {
+        let mut want = vec![0.0f64; 4096];
+        for &(id, w) in &forest[i].top {
+            for (x, v) in want.iter_mut().zip(recursion(&sk, &forest[i], id)) {
+                *x += w as f64 * v;
+            }
+        }
+        assert!(close(&batch[i].data, &want), "tree {i}");
+    }
+    assert!(close(&sk.sketch_node(&dag, shared).unwrap().data, &recursion(&sk, &dag, shared)));
+    assert!(close(&sk.sketch_node(&dag, a).unwrap().data, &recursion(&sk, &dag, a)));
+}
+
 #[test]
 fn a_batch_decodes_as_one_at_a_time_would() {
     let sk = sketcher(2048, 8, 32, 3, 9);
