@@ -96,8 +96,8 @@ impl Sketcher {
         Ok(Sketch { data: found, full_dim: d })
     }
 
-    /// Computes `s(θ)` for every node of the DAGs and hands each DAG's vectors (node `n` at
-    /// `n·d`) to `finish`. Two passes over a chunk of DAGs whose vectors fit [`Sketcher::arena_bytes`]:
+    /// Computes `s(θ)` for every node of the DAGs and hands each DAG's [`Vectors`] to `finish`.
+    /// Two passes over a chunk of DAGs whose vectors fit [`Sketcher::arena_bytes`]:
     /// first every node's own term `R_M [c; x_θ]`, module by module and a block of rows at a
     /// time for all of a module's nodes, so a block of the embedding is loaded into L1 once
     /// per chunk rather than the whole embedding streamed once per node (an embedding is
