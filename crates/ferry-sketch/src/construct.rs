@@ -103,8 +103,8 @@ impl Sketcher {
     /// per chunk rather than the whole embedding streamed once per node (an embedding is
     /// `d·(k+1)` floats, each used for one multiply-add, so reading it was the cost); then the
     /// children, in post order, each added into its parents by one signed-permutation gather.
-    /// The arithmetic is the recursion's, in the same order, so results do not depend on how
-    /// DAGs are batched.
+    /// Each node's arithmetic is the same whichever DAGs share its batch, so results do not
+    /// depend on how DAGs are batched.
     fn build(&self, dags: &[Dag], orders: &[Vec<NodeId>], mut finish: impl FnMut(usize, Vectors<'_>)) {
         let d = self.dim();
         // Padded like embedding columns, for the same reason.
