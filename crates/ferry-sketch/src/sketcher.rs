@@ -92,32 +92,34 @@ impl Embedding {
 }
 
 /// A signed permutation `(Qv)[perm[i]] = sign[i] · v[i]`, kept in both directions so that
-/// `Q` and `Qᵀ` are both applied by gathering (sequential writes), never by scattering.
+/// `Q` and `Qᵀ` are both applied by gathering (sequential writes), never by scattering. Each
+/// index carries its sign in its top bit ([`vector::NEGATE`]), so a gather reads one array
+/// besides the vector rather than two.
 #[derive(Debug)]
 pub(crate) struct Rotation {
-    perm: Vec<u32>,
-    sign: Vec<f32>,
-    /// `inv[perm[i]] = i`, with `inv_sign[perm[i]] = sign[i]`: `(Qv)[o] = inv_sign[o] · v[inv[o]]`.
+    /// `perm[i] | negate(sign[i])`: `(Qᵀu)[i] = sign[i] · u[perm[i]]`.
+    fwd: Vec<u32>,
+    /// `inv[perm[i]] = i | negate(sign[i])`: `(Qv)[o] = sign · v[inv[o]]`.
     inv: Vec<u32>,
-    inv_sign: Vec<f32>,
 }
 
 impl Rotation {
     fn new(perm: Vec<u32>, sign: Vec<f32>) -> Self {
+        assert!(perm.len() <= vector::NEGATE as usize, "a dimension that leaves the top bit of an index free");
+        let neg = |s: f32| if s < 0.0 { vector::NEGATE } else { 0 };
         let mut inv = vec![0u32; perm.len()];
-        let mut inv_sign = vec![0.0f32; perm.len()];
         for (i, (&p, &s)) in perm.iter().zip(&sign).enumerate() {
-            inv[p as usize] = i as u32;
-            inv_sign[p as usize] = s;
+            inv[p as usize] = i as u32 | neg(s);
         }
-        Rotation { perm, sign, inv, inv_sign }
+        let fwd = perm.iter().zip(&sign).map(|(&p, &s)| p | neg(s)).collect();
+        Rotation { fwd, inv }
     }
 
     /// `out += a · Q v`
     pub(crate) fn apply_add(&self, v: &[f32], a: f32, out: &mut [f32]) {
-        assert_eq!(v.len(), self.perm.len(), "rotation of a vector of another dimension");
-        // SAFETY: `inv` is a permutation of `0..d` and `v` has length `d`.
-        unsafe { vector::gather_add(out, a, v, &self.inv, &self.inv_sign) };
+        assert_eq!(v.len(), self.inv.len(), "rotation of a vector of another dimension");
+        // SAFETY: `inv` is a signed permutation of `0..d` and `v` has length `d`.
+        unsafe { vector::gather_add(out, a, v, &self.inv) };
     }
 
     /// `Q v`
@@ -129,16 +131,16 @@ impl Rotation {
 
     /// `Qᵀ u`
     pub(crate) fn apply_t(&self, u: &[f32]) -> Vec<f32> {
-        assert_eq!(u.len(), self.perm.len(), "rotation of a vector of another dimension");
+        assert_eq!(u.len(), self.fwd.len(), "rotation of a vector of another dimension");
         let mut out = vec![0.0; u.len()];
-        // SAFETY: `perm` is a permutation of `0..d` and `u` has length `d`.
-        unsafe { vector::gather_add(&mut out, 1.0, u, &self.perm, &self.sign) };
+        // SAFETY: `fwd` is a signed permutation of `0..d` and `u` has length `d`.
+        unsafe { vector::gather_add(&mut out, 1.0, u, &self.fwd) };
         out
     }
 
     /// `Qᵀ` applied to a coordinate mask.
     pub(crate) fn apply_t_mask(&self, m: &[bool]) -> Vec<bool> {
-        self.perm.iter().map(|&p| m[p as usize]).collect()
+        self.fwd.iter().map(|&p| m[(p & !vector::NEGATE) as usize]).collect()
     }
 }
 

@@ -110,18 +110,23 @@ pub(crate) fn combine_into(out: &mut [f32], stride: usize, slots: &[usize], cols
     }
 }
 
-/// `y[i] += a · sign[i] · x[idx[i]]`: a signed permutation applied by gathering, without
-/// bounds checks so that the loop vectorises.
+/// The top bit of a signed index: the gathered value is negated.
+pub(crate) const NEGATE: u32 = 1 << 31;
+
+/// `y[i] += a · ±x[idx[i] & !NEGATE]`, negated where `idx[i]` has [`NEGATE`] set: a signed
+/// permutation applied by gathering, without bounds checks so that the loop vectorises. The
+/// sign is flipped on the value's bits, which is exact, so this equals multiplying by ±1.
 ///
 /// # Safety
-/// Every index must be less than `x.len()`.
+/// Every index, without its top bit, must be less than `x.len()`.
 #[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
-pub(crate) unsafe fn gather_add(y: &mut [f32], a: f32, x: &[f32], idx: &[u32], sign: &[f32]) {
-    assert!(y.len() == idx.len() && y.len() == sign.len(), "gather of mismatched lengths");
-    debug_assert!(idx.iter().all(|&i| (i as usize) < x.len()), "gather index out of range");
-    for ((y, &i), &s) in y.iter_mut().zip(idx).zip(sign) {
+pub(crate) unsafe fn gather_add(y: &mut [f32], a: f32, x: &[f32], idx: &[u32]) {
+    assert!(y.len() == idx.len(), "gather of mismatched lengths");
+    debug_assert!(idx.iter().all(|&i| ((i & !NEGATE) as usize) < x.len()), "gather index out of range");
+    for (y, &i) in y.iter_mut().zip(idx) {
         // SAFETY: the caller guarantees every index is in range.
-        *y += a * s * unsafe { *x.get_unchecked(i as usize) };
+        let v = unsafe { *x.get_unchecked((i & !NEGATE) as usize) };
+        *y += a * f32::from_bits(v.to_bits() ^ (i & NEGATE));
     }
 }
 
