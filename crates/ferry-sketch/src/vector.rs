@@ -96,14 +96,9 @@ pub(crate) fn combine_into(out: &mut [f32], stride: usize, slots: &[usize], cols
                 }
                 y.copy_from_slice(&acc);
             } else {
+                let tail: Vec<&[f32]> = cols.iter().map(|c| &c[start..]).collect();
                 y.fill(0.0);
-                for (i, y) in y.iter_mut().enumerate() {
-                    for (col, &a) in cols.iter().zip(coef) {
-                        if a != 0.0 {
-                            *y += a * col[start + i];
-                        }
-                    }
-                }
+                combine(y, &tail, coef);
             }
         }
         start += len;
