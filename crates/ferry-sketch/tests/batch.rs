@@ -105,3 +105,21 @@ fn a_batch_decodes_as_one_at_a_time_would() {
         assert!(batch.last().unwrap().is_empty(), "the empty sketch decodes to nothing");
     }
 }
+
+#[test]
+fn a_dimension_that_is_not_a_multiple_of_the_row_block_matches_the_recursion() {
+    // d = 1000 leaves a partial block of 40 rows after the 64-row blocks.
+    let sk = sketcher(1000, 8, 8, 2, 3);
+    let mut r = rng(1);
+    let forest: Vec<_> = (0..5).map(|_| random_tree(&mut r, 8, 8, 2, 3, 0.5).dag).collect();
+    let batch = sk.sketch_batch(&forest).unwrap();
+    for (dag, s) in forest.iter().zip(&batch) {
+        let mut want = vec![0.0f64; 1000];
+        for &(id, w) in &dag.top {
+            for (x, v) in want.iter_mut().zip(recursion(&sk, dag, id)) {
+                *x += w as f64 * v;
+            }
+        }
+        assert!(close(&s.data, &want));
+    }
+}
