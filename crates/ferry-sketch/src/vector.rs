@@ -73,17 +73,42 @@ pub(crate) fn combine<C: AsRef<[f32]>>(y: &mut [f32], cols: &[C], coef: &[f32]) 
 #[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 pub(crate) fn combine_into(out: &mut [f32], stride: usize, slots: &[usize], cols: &[&[f32]], coef: &[f32]) {
     const R: usize = 64;
+    const H: usize = R / 2;
     let n = cols.len();
     assert_eq!(coef.len(), slots.len() * n, "one coefficient per column per output");
     let d = cols.first().map_or(0, |c| c.len());
     assert!(cols.iter().all(|c| c.len() == d) && d <= stride, "columns of one length, at most the stride");
     let fused = multiversion::target::target_cfg_f!(target_feature = "fma");
+    let madd = |a: f32, x: f32, acc: f32| if fused { a.mul_add(x, acc) } else { acc + a * x };
+    let outputs: Vec<(usize, &[f32])> = slots.iter().copied().zip(coef.chunks_exact(n)).collect();
     let mut start = 0;
     while start < d {
         let len = R.min(d - start);
-        for (&slot, coef) in slots.iter().zip(coef.chunks_exact(n)) {
+        let mut rest = &outputs[..];
+        // Two outputs at a time share each load of a column: with one, there is a load per
+        // multiply-add, and the loads rather than the arithmetic set the pace.
+        while let ([(s0, c0), (s1, c1), ..], true) = (rest, len == R) {
+            for half in [0, H] {
+                let (mut acc0, mut acc1) = ([0.0f32; H], [0.0f32; H]);
+                for ((col, &a0), &a1) in cols.iter().zip(*c0).zip(*c1) {
+                    // A zero coefficient adds exactly nothing to a sum that starts at +0.
+                    if a0 == 0.0 && a1 == 0.0 {
+                        continue;
+                    }
+                    let x: &[f32; H] = col[start + half..][..H].try_into().expect("H floats");
+                    for l in 0..H {
+                        acc0[l] = madd(a0, x[l], acc0[l]);
+                        acc1[l] = madd(a1, x[l], acc1[l]);
+                    }
+                }
+                out[s0 * stride + start + half..][..H].copy_from_slice(&acc0);
+                out[s1 * stride + start + half..][..H].copy_from_slice(&acc1);
+            }
+            rest = &rest[2..];
+        }
+        for &(slot, coef) in rest {
             let y = &mut out[slot * stride + start..][..len];
-            if len == R {
+            if let Ok(y) = <&mut [f32; R]>::try_from(&mut *y) {
                 let mut acc = [0.0f32; R];
                 for (col, &a) in cols.iter().zip(coef) {
                     if a == 0.0 {
@@ -91,10 +116,10 @@ pub(crate) fn combine_into(out: &mut [f32], stride: usize, slots: &[usize], cols
                     }
                     let x: &[f32; R] = col[start..start + R].try_into().expect("R floats");
                     for l in 0..R {
-                        acc[l] = if fused { a.mul_add(x[l], acc[l]) } else { acc[l] + a * x[l] };
+                        acc[l] = madd(a, x[l], acc[l]);
                     }
                 }
-                y.copy_from_slice(&acc);
+                *y = acc;
             } else {
                 let tail: Vec<&[f32]> = cols.iter().map(|c| &c[start..]).collect();
                 y.fill(0.0);
