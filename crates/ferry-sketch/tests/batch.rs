@@ -51,33 +51,36 @@ fn close(got: &[f32], want: &[f64]) -> bool {
 
 #[test]
 fn a_batch_larger_than_one_pass_matches_the_recursion() {
-    // d = 4096 with 8 modules: a pass holds a few hundred nodes, so 60 trees of 31 take several.
-    let sk = sketcher(4096, 16, 8, 2, 7);
-    let mut r = rng(8);
-    let mut forest: Vec<_> = (0..60).map(|_| random_tree(&mut r, 8, 16, 2, 4, 0.5).dag).collect();
-    // A shared child under two parents, and a top object listed twice.
-    let mut dag = ferry_sketch::Dag::default();
-    let (a, b, shared) = (dag.add(1, unit(&mut r, 16)), dag.add(2, unit(&mut r, 16)), dag.add(3, unit(&mut r, 16)));
-    dag.link(a, 0, 0.5, shared);
-    dag.link(b, 1, 0.25, shared);
-    dag.link(a, 1, 0.5, b);
-    dag.top = vec![(a, 1.0), (b, 0.5), (a, 0.25)];
-    forest.insert(30, dag.clone());
-    let batch = sk.sketch_batch(&forest).unwrap();
-    for (dag, s) in forest.iter().zip(&batch) {
-        assert_eq!(bits(s), bits(&sk.sketch(dag).unwrap()));
-    }
-    for i in [0, 29, 30, 31, 60] {
-        let mut want = vec![0.0f64; 4096];
-        for &(id, w) in &forest[i].top {
-            for (x, v) in want.iter_mut().zip(recursion(&sk, &forest[i], id)) {
-                *x += w as f64 * v;
-            }
+    // d = 4096: with 8 modules the embeddings stay cached and a pass holds about one tree of 31
+    // nodes, so the batch takes many small passes; with 40 they do not, and it takes one big pass.
+    for (m, seed) in [(8, 7), (40, 17)] {
+        let sk = sketcher(4096, 16, m, 2, seed);
+        let mut r = rng(seed + 1);
+        let mut forest: Vec<_> = (0..60).map(|_| random_tree(&mut r, m, 16, 2, 4, 0.5).dag).collect();
+        // A shared child under two parents, and a top object listed twice.
+        let mut dag = ferry_sketch::Dag::default();
+        let (a, b, shared) = (dag.add(1, unit(&mut r, 16)), dag.add(2, unit(&mut r, 16)), dag.add(3, unit(&mut r, 16)));
+        dag.link(a, 0, 0.5, shared);
+        dag.link(b, 1, 0.25, shared);
+        dag.link(a, 1, 0.5, b);
+        dag.top = vec![(a, 1.0), (b, 0.5), (a, 0.25)];
+        forest.insert(30, dag.clone());
+        let batch = sk.sketch_batch(&forest).unwrap();
+        for (dag, s) in forest.iter().zip(&batch) {
+            assert_eq!(bits(s), bits(&sk.sketch(dag).unwrap()), "{m} modules");
         }
-        assert!(close(&batch[i].data, &want), "tree {i}");
+        for i in [0, 29, 30, 31, 60] {
+            let mut want = vec![0.0f64; 4096];
+            for &(id, w) in &forest[i].top {
+                for (x, v) in want.iter_mut().zip(recursion(&sk, &forest[i], id)) {
+                    *x += w as f64 * v;
+                }
+            }
+            assert!(close(&batch[i].data, &want), "tree {i}, {m} modules");
+        }
+        assert!(close(&sk.sketch_node(&dag, shared).unwrap().data, &recursion(&sk, &dag, shared)));
+        assert!(close(&sk.sketch_node(&dag, a).unwrap().data, &recursion(&sk, &dag, a)));
     }
-    assert!(close(&sk.sketch_node(&dag, shared).unwrap().data, &recursion(&sk, &dag, shared)));
-    assert!(close(&sk.sketch_node(&dag, a).unwrap().data, &recursion(&sk, &dag, a)));
 }
 
 #[test]
