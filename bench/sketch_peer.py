@@ -65,7 +65,7 @@ def tree(rng, m, k, fan, depth):
     return (int(rng.integers(m)), x, kids)
 
 
-def workload(d, k, m, fan, depth, trees, rounds=3):
+def workload(d, k, m, fan, depth, trees, rounds=7):
     sk = Sketcher(d, k, m, fan, seed=1)
     rng = np.random.default_rng(2)
     forest = [tree(rng, m, k, fan, depth) for _ in range(trees)]
