@@ -79,7 +79,6 @@ pub(crate) fn combine_into(out: &mut [f32], stride: usize, slots: &[usize], cols
     let d = cols.first().map_or(0, |c| c.len());
     assert!(cols.iter().all(|c| c.len() == d) && d <= stride, "columns of one length, at most the stride");
     let fused = multiversion::target::target_cfg_f!(target_feature = "fma");
-    let madd = |a: f32, x: f32, acc: f32| if fused { a.mul_add(x, acc) } else { acc + a * x };
     let outputs: Vec<(usize, &[f32])> = slots.iter().copied().zip(coef.chunks_exact(n)).collect();
     let mut start = 0;
     while start < d {
@@ -89,37 +88,16 @@ pub(crate) fn combine_into(out: &mut [f32], stride: usize, slots: &[usize], cols
         // multiply-add, and the loads rather than the arithmetic set the pace.
         while let ([(s0, c0), (s1, c1), ..], true) = (rest, len == R) {
             for half in [0, H] {
-                let (mut acc0, mut acc1) = ([0.0f32; H], [0.0f32; H]);
-                for ((col, &a0), &a1) in cols.iter().zip(*c0).zip(*c1) {
-                    // A zero coefficient adds exactly nothing to a sum that starts at +0.
-                    if a0 == 0.0 && a1 == 0.0 {
-                        continue;
-                    }
-                    let x: &[f32; H] = col[start + half..][..H].try_into().expect("H floats");
-                    for l in 0..H {
-                        acc0[l] = madd(a0, x[l], acc0[l]);
-                        acc1[l] = madd(a1, x[l], acc1[l]);
-                    }
-                }
-                out[s0 * stride + start + half..][..H].copy_from_slice(&acc0);
-                out[s1 * stride + start + half..][..H].copy_from_slice(&acc1);
+                let [a0, a1] = block::<2, H>(cols, [c0, c1], start + half, fused);
+                out[s0 * stride + start + half..][..H].copy_from_slice(&a0);
+                out[s1 * stride + start + half..][..H].copy_from_slice(&a1);
             }
             rest = &rest[2..];
         }
         for &(slot, coef) in rest {
             let y = &mut out[slot * stride + start..][..len];
             if let Ok(y) = <&mut [f32; R]>::try_from(&mut *y) {
-                let mut acc = [0.0f32; R];
-                for (col, &a) in cols.iter().zip(coef) {
-                    if a == 0.0 {
-                        continue;
-                    }
-                    let x: &[f32; R] = col[start..start + R].try_into().expect("R floats");
-                    for l in 0..R {
-                        acc[l] = madd(a, x[l], acc[l]);
-                    }
-                }
-                *y = acc;
+                [*y] = block::<1, R>(cols, [coef], start, fused);
             } else {
                 let tail: Vec<&[f32]> = cols.iter().map(|c| &c[start..]).collect();
                 y.fill(0.0);
@@ -128,6 +106,32 @@ pub(crate) fn combine_into(out: &mut [f32], stride: usize, slots: &[usize], cols
         }
         start += len;
     }
+}
+
+/// Rows `start..start + L` of `Σ_j coefs[o][j] · cols[j]` for `O` outputs, each summing the
+/// columns in order from +0. Inlined so that it takes the instruction set of its caller.
+#[inline(always)]
+fn block<const O: usize, const L: usize>(
+    cols: &[&[f32]],
+    coefs: [&[f32]; O],
+    start: usize,
+    fused: bool,
+) -> [[f32; L]; O] {
+    let mut acc = [[0.0f32; L]; O];
+    for (j, col) in cols.iter().enumerate() {
+        let a: [f32; O] = std::array::from_fn(|o| coefs[o][j]);
+        // A zero coefficient adds exactly nothing to a sum that starts at +0.
+        if a.iter().all(|&a| a == 0.0) {
+            continue;
+        }
+        let x: &[f32; L] = col[start..start + L].try_into().expect("L floats");
+        for l in 0..L {
+            for o in 0..O {
+                acc[o][l] = if fused { a[o].mul_add(x[l], acc[o][l]) } else { acc[o][l] + a[o] * x[l] };
+            }
+        }
+    }
+    acc
 }
 
 /// The top bit of a signed index: the gathered value is negated.
