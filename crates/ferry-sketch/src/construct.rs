@@ -111,7 +111,7 @@ impl Sketcher {
         let ds = d + COLUMN_PAD;
         let c = self.params().c;
         let cap = self.arena_bytes(dags);
-        let mut arena = ARENA.take();
+        let mut buf = ARENA.take();
         let mut start = 0;
         while start < dags.len() {
             let (mut end, mut nodes) = (start, 0);
@@ -120,9 +120,12 @@ impl Sketcher {
                 end += 1;
             }
             let chunk = &dags[start..end];
-            if arena.len() < nodes * ds {
-                arena.resize(nodes * ds, 0.0);
+            // Vectors start on cache lines, so that whole lines can be streamed.
+            if buf.len() < nodes * ds + LINE_FLOATS {
+                buf.resize(nodes * ds + LINE_FLOATS, 0.0);
             }
+            let offset = buf.as_ptr().align_offset(LINE_FLOATS * 4).min(LINE_FLOATS);
+            let arena = &mut buf[offset..];
             let mut items = Vec::with_capacity(nodes);
             let mut base = 0;
             for (i, dag) in chunk.iter().enumerate() {
@@ -130,6 +133,9 @@ impl Sketcher {
                 base += dag.nodes.len();
             }
             items.sort_unstable_by_key(|&(module, slot, ..)| (module, slot));
+            // Vectors that leave the caches before the second pass reads them go to memory
+            // without being read first.
+            let stream = cap > L2_ARENA && nodes * ds * 4 > L2_ARENA;
             let mut coef = Vec::new();
             let mut slots = Vec::new();
             for group in items.chunk_by(|a, b| a.0 == b.0) {
@@ -141,7 +147,10 @@ impl Sketcher {
                     slots.push(slot);
                 }
                 let cols: Vec<&[f32]> = self.embedding(group[0].0).cols().collect();
-                crate::vector::combine_into(&mut arena, ds, &slots, &cols, &coef);
+                crate::vector::combine_into(arena, ds, &slots, &cols, &coef, stream);
+            }
+            if stream {
+                crate::vector::stream_fence();
             }
             let mut base = 0;
             for (i, dag) in chunk.iter().enumerate() {
@@ -158,7 +167,7 @@ impl Sketcher {
             }
             start = end;
         }
-        ARENA.set(arena);
+        ARENA.set(buf);
     }
 
     /// How many bytes of node vectors one pass of [`Sketcher::build`] should hold. Each pass
@@ -256,6 +265,9 @@ const L2_ARENA: usize = 512 << 10;
 /// per module, small passes were faster up to 24 modules (6.7 MiB), even at 32 (8.9 MiB) and
 /// slower at 64 (17.8 MiB).
 const CACHED_EMBEDDINGS: usize = 8 << 20;
+
+/// Floats in a cache line.
+const LINE_FLOATS: usize = 16;
 
 /// At most what a batch's node vectors may hold in memory.
 const MAX_ARENA: usize = 64 << 20;

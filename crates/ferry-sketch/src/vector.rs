@@ -69,31 +69,34 @@ pub(crate) fn combine<C: AsRef<[f32]>>(y: &mut [f32], cols: &[C], coef: &[f32]) 
 /// loaded, so the columns are read from memory once for all outputs rather than once each.
 /// Each output sums the columns in order, whatever the blocking. Where the CPU has FMA the
 /// multiply-adds are fused (12–15% faster here), so sketches built on machines with and without
-/// it can differ in the last bit; one machine always gives the same bits.
+/// it can differ in the last bit; one machine always gives the same bits. With `stream`, outputs
+/// are written with non-temporal stores where the CPU has them (see [`store`]).
 #[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
-pub(crate) fn combine_into(out: &mut [f32], stride: usize, slots: &[usize], cols: &[&[f32]], coef: &[f32]) {
-    const R: usize = 64;
-    const H: usize = R / 2;
+pub(crate) fn combine_into(
+    out: &mut [f32],
+    stride: usize,
+    slots: &[usize],
+    cols: &[&[f32]],
+    coef: &[f32],
+    stream: bool,
+) {
+    const R: usize = 2 * H;
     let n = cols.len();
     assert_eq!(coef.len(), slots.len() * n, "one coefficient per column per output");
     let d = cols.first().map_or(0, |c| c.len());
     assert!(cols.iter().all(|c| c.len() == d) && d <= stride, "columns of one length, at most the stride");
     let fused = multiversion::target::target_cfg_f!(target_feature = "fma");
+    let avx = multiversion::target::target_cfg_f!(target_feature = "avx2");
     let outputs: Vec<(usize, &[f32])> = slots.iter().copied().zip(coef.chunks_exact(n)).collect();
+    let stream = stream && streamable(out, stride);
     let mut start = 0;
     while start < d {
         let len = R.min(d - start);
-        let mut rest = &outputs[..];
-        // Two outputs at a time share each load of a column: with one, there is a load per
-        // multiply-add, and the loads rather than the arithmetic set the pace.
-        while let ([(s0, c0), (s1, c1), ..], true) = (rest, len == R) {
-            for half in [0, H] {
-                let [a0, a1] = block::<2, H>(cols, [c0, c1], start + half, fused);
-                out[s0 * stride + start + half..][..H].copy_from_slice(&a0);
-                out[s1 * stride + start + half..][..H].copy_from_slice(&a1);
-            }
-            rest = &rest[2..];
-        }
+        let rest = match (len == R, stream) {
+            (false, _) => &outputs[..],
+            (true, false) => pairs::<false>(out, stride, cols, &outputs, start, fused, avx),
+            (true, true) => pairs::<true>(out, stride, cols, &outputs, start, fused, avx),
+        };
         for &(slot, coef) in rest {
             let y = &mut out[slot * stride + start..][..len];
             if let Ok(y) = <&mut [f32; R]>::try_from(&mut *y) {
@@ -106,6 +109,82 @@ pub(crate) fn combine_into(out: &mut [f32], stride: usize, slots: &[usize], cols
         }
         start += len;
     }
+}
+
+/// Whether [`store`] may stream into `out`: every block it writes starts 32-byte aligned.
+fn streamable(out: &[f32], stride: usize) -> bool {
+    cfg!(target_arch = "x86_64") && (out.as_ptr() as usize).is_multiple_of(32) && stride.is_multiple_of(8)
+}
+
+/// Rows in half of one of [`combine_into`]'s blocks: it computes a block half at a time for two
+/// outputs at once, whose accumulators then fit in 16 vector registers.
+const H: usize = 32;
+
+/// Rows `start..start + 2·H` of the outputs, two at a time: two outputs share each load of a
+/// column (with one, there is a load per multiply-add, and the loads rather than the arithmetic
+/// set the pace). Returns the output left over, if any. `STREAM` is a parameter, not a runtime
+/// flag, so that the stores without it take the blocks straight from registers.
+#[inline(always)]
+fn pairs<'a, const STREAM: bool>(
+    out: &mut [f32],
+    stride: usize,
+    cols: &[&[f32]],
+    outputs: &'a [(usize, &'a [f32])],
+    start: usize,
+    fused: bool,
+    avx: bool,
+) -> &'a [(usize, &'a [f32])] {
+    let mut rest = outputs;
+    while let [(s0, c0), (s1, c1), ..] = rest {
+        for half in [0, H] {
+            let [a0, a1] = block::<2, H>(cols, [c0, c1], start + half, fused);
+            store::<STREAM>(&mut out[s0 * stride + start + half..][..H], &a0, avx);
+            store::<STREAM>(&mut out[s1 * stride + start + half..][..H], &a1, avx);
+        }
+        rest = &rest[2..];
+    }
+    rest
+}
+
+/// Copies `src` into `dst`; with `STREAM`, by non-temporal stores (`dst` is then 32-byte
+/// aligned), 8 lanes wide where `avx` says the CPU has AVX. These write whole cache lines to
+/// memory without reading them first and do not evict what is in the cache, which suits vectors
+/// read again only after many more were written.
+#[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn store<const STREAM: bool>(dst: &mut [f32], src: &[f32; H], avx: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if STREAM {
+        use std::arch::x86_64::{__m128, __m256, _mm256_stream_ps, _mm_stream_ps};
+        use std::mem::transmute;
+        let dst = &mut dst[..H];
+        if avx {
+            for (i, v) in src.chunks_exact(8).enumerate() {
+                let v: [f32; 8] = v.try_into().expect("8 floats");
+                // SAFETY: `avx` is set only in code compiled for CPUs with AVX2, and so AVX;
+                // `[f32; 8]` has `__m256`'s size; `dst[8i..8i + 8]` is in bounds and, by
+                // `streamable`, 32-byte aligned.
+                unsafe { _mm256_stream_ps(dst.as_mut_ptr().add(8 * i), transmute::<[f32; 8], __m256>(v)) };
+            }
+        } else {
+            for (i, v) in src.chunks_exact(4).enumerate() {
+                let v: [f32; 4] = v.try_into().expect("4 floats");
+                // SAFETY: SSE is part of x86-64; as above, 16 bytes at a time.
+                unsafe { _mm_stream_ps(dst.as_mut_ptr().add(4 * i), transmute::<[f32; 4], __m128>(v)) };
+            }
+        }
+        return;
+    }
+    dst[..H].copy_from_slice(src);
+}
+
+/// Orders earlier [`store`]s that streamed before later loads and stores of other threads.
+pub(crate) fn stream_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of x86-64.
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
 }
 
 /// Rows `start..start + L` of `Σ_j coefs[o][j] · cols[j]` for `O` outputs, each summing the
