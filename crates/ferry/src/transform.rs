@@ -16,10 +16,10 @@
 //! memory.
 //!
 //! With `--sketch`, each object's sketches (one per record, from the same forward pass) are
-//! collected into Parquet part files of about a thousand records; an object's `.out` is written
-//! only after the part holding its sketches, so a finished object always has both. One file per
-//! object would double the files a job creates, and sets of many tiny Parquet files are slow to
-//! query.
+//! built on sketch threads, many objects at a time, and collected into Parquet part files of
+//! about a thousand records; an object's `.out` is written only after the part holding its
+//! sketches, so a finished object always has both. One file per object would double the files a
+//! job creates, and sets of many tiny Parquet files are slow to query.
 //!
 //! Resume needs no journal: outputs are deterministic (the runtime's results do not depend on how
 //! records are batched), so an object whose `.out` exists is finished, and a rerun skips it.
@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ferry_backend::{Backend, BackendError, BackendKind, LoadOptions, Tensor};
+use ferry_sketch::{Dag, Sketch};
 use futures::{StreamExt, TryStreamExt};
 use object_store::buffered::BufWriter;
 use object_store::path::Path;
@@ -339,31 +340,94 @@ struct SketchWriter {
     inputs: HashMap<String, usize>,
 }
 
+/// The object DAGs of one object's records, with their record indices.
+type RecordDags = Vec<(i64, Dag)>;
+
 impl SketchWriter {
-    /// The sketch rows of one object. Runs after encoding, which has applied the softmax.
-    fn rows(&self, key: &str, records: &[Result<RecordOutputs, String>]) -> Result<Vec<SketchRow>, String> {
+    /// The object DAG of each record of one object. Runs after encoding, which has applied the
+    /// softmax.
+    fn dags(&self, records: &[Result<RecordOutputs, String>]) -> Result<RecordDags, String> {
         let mut dags = Vec::new();
-        let mut indices = Vec::new();
         for (i, r) in records.iter().enumerate() {
             if let Ok(outputs) = r {
                 let get =
                     |name: &str| self.inputs.get(name).map(|&j| (outputs[j].0.as_slice(), outputs[j].1.as_slice()));
-                dags.push(self.profile.record_dag(get).map_err(|e| format!("record {i}: sketch: {e}"))?);
-                indices.push(i as i64);
+                dags.push((i as i64, self.profile.record_dag(get).map_err(|e| format!("record {i}: sketch: {e}"))?));
             }
         }
-        let sketches = self.sketcher.sketch_batch(&dags).map_err(|e| format!("sketch: {e}"))?;
-        Ok(sketches
+        Ok(dags)
+    }
+
+    /// The sketch rows of many objects, `(key, dags)` each, built as one batch. Should the batch
+    /// fail, each object is built alone, so that only the object at fault fails.
+    fn rows(&self, objects: Vec<(String, RecordDags)>) -> Vec<Result<Vec<SketchRow>, String>> {
+        let mut all = Vec::new();
+        let mut spans = Vec::with_capacity(objects.len());
+        for (key, dags) in objects {
+            let (records, dags): (Vec<i64>, Vec<Dag>) = dags.into_iter().unzip();
+            spans.push((key, records, all.len()..all.len() + dags.len()));
+            all.extend(dags);
+        }
+        let mut batch = self.sketcher.sketch_batch(&all).map(Vec::into_iter);
+        spans
             .into_iter()
-            .zip(indices)
-            .map(|(s, record)| SketchRow {
-                key: key.to_string(),
-                record,
-                sketch: s.data,
-                seed: self.profile.seed,
-                d: self.profile.d,
+            .map(|(key, records, span)| {
+                let sketches: Vec<Sketch> = match &mut batch {
+                    Ok(sketches) => sketches.by_ref().take(span.len()).collect(),
+                    Err(_) => self.sketcher.sketch_batch(&all[span]).map_err(|e| format!("sketch: {e}"))?,
+                };
+                let (seed, d) = (self.profile.seed, self.profile.d);
+                Ok(records
+                    .into_iter()
+                    .zip(sketches)
+                    .map(|(record, s)| SketchRow { key: key.clone(), record, sketch: s.data, seed, d })
+                    .collect())
             })
-            .collect())
+            .collect()
+    }
+}
+
+/// One object's DAGs on their way to the sketch threads, and where its rows go back.
+struct SketchJob {
+    key: String,
+    dags: RecordDags,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<SketchRow>, String>>,
+}
+
+/// Records a sketch thread builds at most in one batch.
+const SKETCH_BATCH_RECORDS: usize = 64;
+/// How long a sketch thread waits for a batch to fill after its first object.
+const SKETCH_BATCH_WAIT: Duration = Duration::from_millis(250);
+
+/// A sketch thread: builds the sketches of the queued objects in batches of up to
+/// [`SKETCH_BATCH_RECORDS`] records, waiting at most [`SKETCH_BATCH_WAIT`] for one to fill. A
+/// batch reads the embedding of each module its objects use once. One object at a time, the
+/// `stages` recipe read tens of MiB of embeddings per image, which was most of its sketching
+/// time; taking only what happened to be queued gave batches of one to eight images, and little
+/// of the gain. An object gives its permit back only once it is in the bounded queue, so when the
+/// sketch threads fall behind, fetching slows down rather than memory filling. The wait only
+/// delays `.out`s, which wait for their part file anyway, and ends once every object is in.
+fn sketch_loop(writer: Arc<SketchWriter>, rx: crossbeam_channel::Receiver<SketchJob>, stats: Arc<Stats>) {
+    while let Ok(first) = rx.recv() {
+        let deadline = Instant::now() + SKETCH_BATCH_WAIT;
+        let mut records = first.dags.len();
+        let mut jobs = vec![first];
+        while records < SKETCH_BATCH_RECORDS {
+            match rx.recv_deadline(deadline) {
+                Ok(job) => {
+                    records += job.dags.len();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let t = Instant::now();
+        let (objects, replies): (Vec<_>, Vec<_>) = jobs.into_iter().map(|j| ((j.key, j.dags), j.reply)).unzip();
+        let rows = writer.rows(objects);
+        Stats::add(&stats.sketch_ns, t);
+        for (reply, rows) in replies.into_iter().zip(rows) {
+            let _ = reply.send(rows);
+        }
     }
 }
 
@@ -773,6 +837,20 @@ async fn run_pipeline(
         );
     }
     drop(infer_rx);
+    // Sketches take far less than inference; one thread per four model threads.
+    let mut sketch_tx = sketch.as_ref().map(|w| {
+        let (tx, rx) = crossbeam_channel::bounded::<SketchJob>(SKETCH_BATCH_RECORDS);
+        for i in 0..cfg.threads.div_ceil(4) {
+            let (w, rx, stats) = (w.clone(), rx.clone(), stats.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("ferry-sketch-{i}"))
+                    .spawn(move || sketch_loop(w, rx, stats))
+                    .expect("spawning a sketch thread"),
+            );
+        }
+        tx
+    });
 
     let semaphore = Arc::new(Semaphore::new(cfg.max_concurrent));
     let feeder = {
@@ -839,6 +917,10 @@ async fn run_pipeline(
     // is written without waiting for it to fill.
     let (mut parked, mut flushed) = (HashSet::new(), false);
     while finished < items.len() {
+        // Once every object has gone to be written, the sketch threads need not wait for more.
+        if finished + writing == items.len() {
+            sketch_tx = None;
+        }
         if let Some((tx, _)) = &parts {
             if !parked.is_empty() && !flushed && finished + parked.len() == items.len() {
                 let _ = tx.send(PartMsg::Flush);
@@ -902,12 +984,14 @@ async fn run_pipeline(
                     writer_tx.clone(),
                     out_limit.clone(),
                 );
-                let sketch_job = match (&sketch, &parts) {
-                    (Some(w), Some((tx, _))) => Some((w.clone(), tx.clone(), items[id].relative.clone())),
+                let sketch_job = match (&sketch, &parts, &sketch_tx) {
+                    (Some(w), Some((tx, _)), Some(stage)) => {
+                        Some((w.clone(), tx.clone(), stage.clone(), items[id].relative.clone()))
+                    }
                     _ => None,
                 };
                 let part_size = cfg.part_size;
-                let permit = p.permit;
+                let mut permit = Some(p.permit);
                 writing += 1;
                 tokio::spawn(async move {
                     let t = Instant::now();
@@ -916,12 +1000,40 @@ async fn run_pipeline(
                         let body = encoder.body(&mut records);
                         Stats::add(&stats2.encode_ns, t);
                         let t = Instant::now();
-                        let rows = sketch_job.map(|(w, parts, rel)| (w.rows(&rel, &records), parts));
-                        Stats::add(&stats2.sketch_ns, t);
+                        let rows = sketch_job.map(|(w, parts, stage, key)| {
+                            let dags = w.dags(&records);
+                            Stats::add(&stats2.sketch_ns, t);
+                            // A full queue blocks this blocking-pool thread while the object
+                            // still holds its permit.
+                            let rows = match dags {
+                                Ok(dags) if dags.is_empty() => Ok(None),
+                                Ok(dags) => {
+                                    let (reply, rows) = tokio::sync::oneshot::channel();
+                                    match stage.send(SketchJob { key, dags, reply }) {
+                                        Ok(()) => Ok(Some(rows)),
+                                        Err(_) => Err("the sketch threads stopped. This is a bug.".to_string()),
+                                    }
+                                }
+                                Err(e) => Err(e),
+                            };
+                            (rows, parts)
+                        });
                         (body, rows)
                     })
                     .await
                     .expect("encoding panicked");
+                    let rows = match rows {
+                        Some((Ok(Some(rows)), parts)) => {
+                            // The permit goes back now: the bounded queue holds the object.
+                            permit = None;
+                            let rows =
+                                rows.await.unwrap_or_else(|_| Err("the sketch threads stopped. This is a bug.".into()));
+                            Some((rows, parts))
+                        }
+                        Some((Ok(None), parts)) => Some((Ok(Vec::new()), parts)),
+                        Some((Err(e), parts)) => Some((Err(e), parts)),
+                        None => None,
+                    };
                     let outcome = match rows {
                         Some((Err(e), _)) => Err(e),
                         Some((Ok(rows), parts)) if !rows.is_empty() => {
@@ -962,6 +1074,7 @@ async fn run_pipeline(
         }
     }
     progress.finish();
+    drop(sketch_tx);
     if let Some((tx, writer)) = parts {
         drop(tx);
         writer.await.expect("the sketch part writer panicked");
@@ -1110,6 +1223,50 @@ fn infer_loop(mut backend: Box<dyn Backend>, t: ModelThread) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sketch::profile::{fit_profile, FitSettings};
+
+    #[test]
+    fn objects_sketched_together_get_their_own_sketches_and_a_bad_one_fails_alone() {
+        let features: Vec<Vec<f32>> = (0..64)
+            .map(|i| (0..32).map(|j| ((i * 7 + j * 3) % 11) as f32 + (i as f32 * 0.1).sin()).collect())
+            .collect();
+        let labels = (0..10).map(|i| format!("c{i}")).collect();
+        let profile =
+            fit_profile(&features, labels, &FitSettings::default(), "f".into(), "s".into(), Vec::new()).unwrap();
+        let sketcher = profile.sketcher().unwrap();
+        let writer = SketchWriter { profile, sketcher, inputs: HashMap::new() };
+        let dag = |i: usize| {
+            let mut probs = vec![0.02f32; 10];
+            probs[i % 10] = 0.8;
+            writer.profile.dag(&features[i], &probs)
+        };
+        let mut bad = dag(5);
+        bad.nodes[0].module = 10_000;
+        let objects = vec![
+            ("a".to_string(), vec![(0, dag(0)), (2, dag(1))]),
+            ("b".to_string(), vec![(0, dag(2)), (1, bad)]),
+            ("c".to_string(), vec![(3, dag(3))]),
+        ];
+        // Each object's rows: its keys and record indices, each sketch what it would be alone.
+        let check = |rows: &[Result<Vec<SketchRow>, String>], objects: &[(String, RecordDags)], skip: Option<usize>| {
+            assert_eq!(rows.len(), objects.len());
+            for (i, (key, dags)) in objects.iter().enumerate().filter(|&(i, _)| Some(i) != skip) {
+                let got = rows[i].as_ref().unwrap();
+                assert_eq!(got.len(), dags.len(), "{key}");
+                for (row, (record, dag)) in got.iter().zip(dags) {
+                    assert_eq!((&row.key, row.record), (key, *record));
+                    assert_eq!(row.sketch, writer.sketcher.sketch(dag).unwrap().data, "{key} record {record}");
+                }
+            }
+        };
+        let rows = writer.rows(objects.clone());
+        assert!(rows[1].as_ref().is_err_and(|e| e.contains("10000")), "{:?}", rows[1].as_ref().err());
+        check(&rows, &objects, Some(1));
+        // Without the bad record, all in one batch.
+        let mut good = objects.clone();
+        good[1].1.pop();
+        check(&writer.rows(good.clone()), &good, None);
+    }
 
     #[test]
     fn outputs_inside_inputs_are_recognised() {
