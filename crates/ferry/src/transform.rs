@@ -991,7 +991,7 @@ async fn run_pipeline(
                     _ => None,
                 };
                 let part_size = cfg.part_size;
-                let mut permit = Some(p.permit);
+                let permit = p.permit;
                 writing += 1;
                 tokio::spawn(async move {
                     let t = Instant::now();
@@ -1022,31 +1022,28 @@ async fn run_pipeline(
                     })
                     .await
                     .expect("encoding panicked");
-                    let rows = match rows {
-                        Some((Ok(Some(rows)), parts)) => {
-                            // The permit goes back now: the bounded queue holds the object.
-                            permit = None;
-                            let rows =
-                                rows.await.unwrap_or_else(|_| Err("the sketch threads stopped. This is a bug.".into()));
-                            Some((rows, parts))
-                        }
-                        Some((Ok(None), parts)) => Some((Ok(Vec::new()), parts)),
-                        Some((Err(e), parts)) => Some((Err(e), parts)),
-                        None => None,
-                    };
                     let outcome = match rows {
-                        Some((Err(e), _)) => Err(e),
-                        Some((Ok(rows), parts)) if !rows.is_empty() => {
-                            // The permit goes back now: the part writer bounds what it holds.
-                            drop(permit);
-                            let parked = Parked { id, out_key: key, body, rows };
-                            if parts.send(PartMsg::Park(parked)).is_ok() {
-                                let _ = tx.send(Event::Parked { id }).await;
-                                return;
-                            }
-                            Err("the sketch part writer stopped. This is a bug.".to_string())
+                        None | Some((Ok(None), _)) => {
+                            write_object(store, key, body, part_size, &write_limit, &stats).await
                         }
-                        _ => write_object(store, key, body, part_size, &write_limit, &stats).await,
+                        Some((Err(e), _)) => Err(e),
+                        Some((Ok(Some(rows)), parts)) => {
+                            // The permit goes back now: the bounded queue, then the part writer,
+                            // bound what they hold.
+                            drop(permit);
+                            match rows.await {
+                                Ok(Ok(rows)) => {
+                                    let parked = Parked { id, out_key: key, body, rows };
+                                    if parts.send(PartMsg::Park(parked)).is_ok() {
+                                        let _ = tx.send(Event::Parked { id }).await;
+                                        return;
+                                    }
+                                    Err("the sketch part writer stopped. This is a bug.".to_string())
+                                }
+                                Ok(Err(e)) => Err(e),
+                                Err(_) => Err("the sketch threads stopped. This is a bug.".to_string()),
+                            }
+                        }
                     };
                     let _ = tx.send(Event::Written { id, outcome }).await;
                 });
