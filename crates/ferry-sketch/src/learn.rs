@@ -14,6 +14,7 @@
 use nalgebra::{DMatrix, DVector, SymmetricEigen};
 
 use crate::rng::Stream;
+use crate::vector;
 use crate::{Error, Result};
 
 /// Least-squares `W` (rows = outputs, columns = inputs) minimising `Σ_t ‖y_t − W x_t‖²`.
@@ -267,7 +268,7 @@ pub fn spherical_kmeans(samples: &[Vec<f32>], k: usize, iterations: usize, seed:
 pub fn nearest(centroids: &[Vec<f32>], x: &[f32]) -> usize {
     let mut best = (0, f32::NEG_INFINITY);
     for (i, c) in centroids.iter().enumerate() {
-        let v: f32 = c.iter().zip(x).map(|(a, b)| a * b).sum();
+        let v = vector::dot(c, x);
         if v > best.1 {
             best = (i, v);
         }
@@ -341,7 +342,7 @@ pub fn project(mean: &[f32], components: &[Vec<f32>], variances: &[f32], x: &[f3
         .iter()
         .zip(variances)
         .map(|(c, &var)| {
-            let v: f32 = c.iter().zip(&centred).map(|(c, x)| c * x).sum();
+            let v = vector::dot(c, &centred);
             if whiten {
                 v / var.sqrt().max(1e-12)
             } else {

@@ -243,6 +243,14 @@ impl SketchProfile {
         let mut above_grid = (1.0f32, 1.0f32);
         for (i, st) in self.stages.iter().enumerate() {
             let (shape, values) = read(&st.output)?;
+            if shape.first() != Some(&st.pca_mean.len()) {
+                return Err(format!(
+                    "output {:?} has shape {shape:?}; stage {:?} of the profile expects {} channels",
+                    st.output,
+                    st.name,
+                    st.pca_mean.len()
+                ));
+            }
             let found = peaks(shape, values, st.peaks)?;
             let ids: Vec<usize> = found
                 .iter()
@@ -301,6 +309,19 @@ impl SketchProfile {
             || (self.recipe == "stages") == self.stages.is_empty()
         {
             return Err("inconsistent sketch profile".into());
+        }
+        for st in &self.stages {
+            let width = st.pca_mean.len();
+            if st.codebook.is_empty()
+                || st.peaks == 0
+                || st.codebook.iter().chain(&st.pca_components).any(|v| v.len() != width)
+                || st.pca_variances.len() != st.pca_components.len()
+            {
+                return Err(format!(
+                    "inconsistent sketch profile: stage {:?} has vectors of different widths",
+                    st.name
+                ));
+            }
         }
         let stage_modules: usize = self.stages.iter().map(|s| s.codebook.len()).sum();
         if !self.stages.is_empty() && self.modules.len() != 1 + stage_modules {
@@ -617,5 +638,12 @@ mod tests {
         assert_eq!(at(&[0]), Some("s1:c02"));
         assert_eq!(at(&[1]), Some("s1:c01"));
         assert!(p.record_dag(|n| if n == "s2" { None } else { get(n) }).unwrap_err().contains("s2"));
+        // A stage output with other channels than the profile's codebook (another model).
+        let wide = [5usize, 8, 8];
+        let err = p.record_dag(|n| if n == "s2" { Some((&wide[..], &s2[..])) } else { get(n) }).unwrap_err();
+        assert!(err.contains("\"s2\"") && err.contains("4 channels"), "{err}");
+        let mut bad = p.clone();
+        bad.stages[1].codebook[3].push(0.0);
+        assert!(bad.validate().unwrap_err().contains("\"s2\""));
     }
 }
