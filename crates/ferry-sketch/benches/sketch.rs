@@ -1,5 +1,6 @@
 //! Sketch construction and full decode against the numpy implementation of the same
-//! construction (`bench/sketch_peer.py`), on the same workloads, printed side by side.
+//! construction (`bench/sketch_peer.py`), on the same workloads, printed side by side; then the
+//! time to generate a module's matrices, with each sampler.
 //!
 //! `cargo bench -p ferry-sketch --bench sketch`
 
@@ -8,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use ferry_sketch::{Dag, DecodeOptions, ModuleSpec, Params, Sketcher};
+use ferry_sketch::{Dag, DecodeOptions, ModuleSpec, Params, Sampler, Sketcher};
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -66,6 +67,25 @@ fn run(w: &Workload) -> (f64, f64, f64, f64) {
     (per_tree(best_s), per_tree(best_s2), per_tree(best_d), objects)
 }
 
+/// Microseconds per module (best of rounds) to generate the embedding and slot rotations, from a
+/// fresh sketcher each round.
+fn matrices(w: &Workload, sampler: Sampler) -> f64 {
+    let specs = vec![ModuleSpec { attr_dim: w.k, n_slots: w.fan }; w.m];
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let sk = Sketcher::new(Params { d: w.d, seed: 1, sampler, ..Params::default() }, &specs).unwrap();
+        for m in 0..w.m as u32 {
+            black_box(sk.embedding_column(m, 1));
+            for slot in 0..w.fan {
+                black_box(sk.rotate(m, slot, black_box(&vec![0.0; w.d])));
+            }
+        }
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    best / w.m as f64 * 1e6
+}
+
 fn peer() -> Option<serde_json::Value> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/sketch_peer.py");
     let out = Command::new("python3").arg(script).output().ok()?;
@@ -108,4 +128,20 @@ fn main() {
         );
     }
     println!("per tree: d1024 = k 8, m 32, fan-out 3, depth 3 (40 objects); d4096 = k 16, m 64, fan-out 2, depth 4 (31 objects)");
+    println!();
+    println!("{:<7} {:>14} {:>10} {:>10} {:>7} {:>9}", "", "matrices µs", "libm µs", "numpy µs", "ratio", "vs libm");
+    for w in &WORKLOADS {
+        let (portable, libm) = (matrices(w, Sampler::Portable), matrices(w, Sampler::Libm));
+        let p = peer.as_ref().and_then(|p| p.get(w.name)).and_then(|p| p["matrix_us"].as_f64());
+        println!(
+            "{:<7} {:>14.1} {:>10.1} {:>10} {:>7} {:>8.1}×",
+            w.name,
+            portable,
+            libm,
+            p.map_or("-".to_string(), |v| format!("{v:.1}")),
+            p.map_or("-".to_string(), |v| format!("{:.1}×", v / portable)),
+            libm / portable
+        );
+    }
+    println!("per module: the embedding (k + 1 columns, QR) and its slot rotations; libm = profile format 1");
 }

@@ -37,6 +37,7 @@ pub use concepts::{Concept, ConceptOptions};
 pub use construct::{Dag, Edge, Node, NodeId};
 pub use decode::{BlockEstimate, DecodeOptions, Decoded};
 pub use repository::{Hit, Repository};
+pub use rng::Sampler;
 pub use sketch::{Sketch, View};
 pub use sketcher::{EmbeddingKind, ModuleSpec, Params, Sketcher};
 

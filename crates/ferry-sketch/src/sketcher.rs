@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use nalgebra::DMatrix;
 
-use crate::rng::{Stream, Tag};
+use crate::rng::{Sampler, Stream, Tag};
 use crate::vector;
 use crate::{Error, Result};
 
@@ -38,11 +38,20 @@ pub struct Params {
     pub tau_sigmas: Option<f32>,
     /// How module embeddings are drawn.
     pub embedding: EmbeddingKind,
+    /// How the normals behind the embeddings are drawn.
+    pub sampler: Sampler,
 }
 
 impl Default for Params {
     fn default() -> Self {
-        Params { d: 1024, c: 1.0, seed: 0, tau_sigmas: None, embedding: EmbeddingKind::Orthonormal }
+        Params {
+            d: 1024,
+            c: 1.0,
+            seed: 0,
+            tau_sigmas: None,
+            embedding: EmbeddingKind::Orthonormal,
+            sampler: Sampler::Portable,
+        }
     }
 }
 
@@ -70,12 +79,11 @@ pub(crate) struct Embedding {
 pub(crate) const COLUMN_PAD: usize = 64;
 
 impl Embedding {
-    fn new(cols: impl IntoIterator<Item = Vec<f32>>, d: usize) -> Self {
-        let mut data = Vec::new();
-        for c in cols {
-            assert_eq!(c.len(), d, "an embedding column of another dimension");
-            data.extend_from_slice(&c);
-            data.resize(data.len() + COLUMN_PAD, 0.0);
+    /// `n` columns of `d` floats, column `i` written by `fill(i, column)`.
+    fn with_columns(d: usize, n: usize, mut fill: impl FnMut(usize, &mut [f32])) -> Self {
+        let mut data = vec![0.0; n * (d + COLUMN_PAD)];
+        for (i, c) in data.chunks_exact_mut(d + COLUMN_PAD).enumerate() {
+            fill(i, &mut c[..d]);
         }
         Embedding { data, d }
     }
@@ -284,33 +292,35 @@ fn presence_column(p: &Params, m: u64) -> Vec<f32> {
 }
 
 fn gaussian_column(p: &Params, m: u64, col: usize) -> Vec<f64> {
-    let mut s = Stream::new(p.seed, Tag::Embedding, m, col as u64);
-    (0..p.d).map(|_| s.normal()).collect()
+    let mut out = vec![0.0; p.d];
+    Stream::new(p.seed, Tag::Embedding, m, col as u64).normals(p.sampler, &mut out);
+    out
 }
 
 fn build_embedding(p: &Params, m: u64, k: usize, presence: &[f32]) -> Embedding {
     let d = p.d;
-    let mut cols = Vec::with_capacity(k + 1);
-    cols.push(presence.to_vec());
     match p.embedding {
         EmbeddingKind::Gaussian => {
             let s = 1.0 / (d as f64).sqrt();
-            for i in 1..=k {
-                cols.push(gaussian_column(p, m, i).iter().map(|v| (v * s) as f32).collect());
-            }
+            Embedding::with_columns(d, k + 1, |i, out| match i {
+                0 => out.copy_from_slice(presence),
+                _ => out.iter_mut().zip(gaussian_column(p, m, i)).for_each(|(o, v)| *o = (v * s) as f32),
+            })
         }
         EmbeddingKind::Orthonormal => {
-            let g = DMatrix::from_fn(d, k + 1, {
-                let raw: Vec<Vec<f64>> = (0..=k).map(|i| gaussian_column(p, m, i)).collect();
-                move |r, c| raw[c][r]
-            });
+            let mut g = DMatrix::zeros(d, k + 1);
+            for (i, mut col) in g.column_iter_mut().enumerate() {
+                Stream::new(p.seed, Tag::Embedding, m, i as u64).normals(p.sampler, col.as_mut_slice());
+            }
             let qr = g.qr();
             let (q, r) = (qr.q(), qr.r());
-            for i in 1..=k {
-                let sign = if r[(i, i)] < 0.0 { -1.0 } else { 1.0 };
-                cols.push(q.column(i).iter().map(|v| (v * sign) as f32).collect());
-            }
+            Embedding::with_columns(d, k + 1, |i, out| match i {
+                0 => out.copy_from_slice(presence),
+                _ => {
+                    let sign = if r[(i, i)] < 0.0 { -1.0 } else { 1.0 };
+                    out.iter_mut().zip(q.column(i).iter()).for_each(|(o, v)| *o = (v * sign) as f32);
+                }
+            })
         }
     }
-    Embedding::new(cols, d)
 }

@@ -663,6 +663,18 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
         None => None,
     };
     if let (Some(set), Some(w)) = (&sketches, &prepared.sketch) {
+        // Rows are decoded with the set's one profile, so rows made with another one (a refit, a
+        // new seed or format) would read back as noise.
+        match get_bytes(set.store.as_ref(), &profile_key(set)).await {
+            Ok(old) if SketchProfile::from_json(&old).ok().as_ref() != Some(&w.profile) => {
+                return Err(JobError::Config(format!(
+                    "sketch set {} was made with another sketch profile; write these sketches to a new set",
+                    set.url
+                )));
+            }
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(JobError::Config(format!("reading the sketch profile of {}: {e}", set.url))),
+        }
         let body = serde_json::to_vec_pretty(&w.profile).expect("the profile serialises");
         set.store
             .put(&profile_key(set), body.into())

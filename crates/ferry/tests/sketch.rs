@@ -278,6 +278,18 @@ fn a_killed_sketch_job_resumes_with_every_finished_object_sketched() {
     let hits: Vec<String> = similar(&set, "coffee/coffee_001.jpg", 1000).into_iter().map(|(k, _)| k).collect();
     let distinct: std::collections::BTreeSet<&String> = hits.iter().collect();
     assert_eq!((hits.len(), distinct.len()), (159, 159));
+
+    // Rows of another profile would be read with this one's matrices: such a job is refused.
+    let mut other = json(&profile);
+    other["seed"] = serde_json::json!(other["seed"].as_u64().unwrap() + 1);
+    let other_path = tmp.path().join("other.json");
+    std::fs::write(&other_path, other.to_string()).unwrap();
+    let before = files(&set);
+    let out = sketch_job(model, &examples(), &tmp.path().join("out2"), &set, &other_path, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("another sketch profile"), "{}", stderr(&out));
+    assert_eq!(files(&set), before);
+    assert_eq!(json(&set.join("_ferry/sketch_profile.json")), json(&profile));
 }
 
 #[test]
@@ -347,13 +359,16 @@ fn the_stages_recipe_sketches_intermediate_objects_from_the_same_pass() {
 
     // Paths only match where both images have the same codeword at the same place in the tree, so
     // stage objects make similarity stricter than the classifier recipe's; the nearest images are
-    // still the same photo's variants.
+    // still the same photo's variants. Each cosine also carries the random matrices' noise, about
+    // 1/√d (0.016 at d = 4096), which is as large as the gaps between the third to fifth nearest: over nine seeds, the two nearest were always variants and
+    // at least four of the five nearest.
     for key in
         ["chelsea/chelsea_003.jpg", "coffee/coffee_010.jpg", "rocket/rocket_020.jpg", "astronaut/astronaut_011.jpg"]
     {
         let hits = similar(&set, key, 5);
         eprintln!("{key}: {hits:?}");
-        assert!(hits.iter().take(3).all(|(k, _)| source(k) == source(key)), "{key}: {hits:?}");
+        let same: Vec<bool> = hits.iter().map(|(k, _)| source(k) == source(key)).collect();
+        assert!(same[..2] == [true, true] && same.iter().filter(|&&s| s).count() >= 4, "{key}: {hits:?}");
     }
     let tree: serde_json::Value =
         serde_json::from_str(&sketch(&["decode", "--sketches", set.to_str().unwrap(), "astronaut/astronaut_004.jpg"]))

@@ -25,11 +25,15 @@
 //! within 1.5 of its cells (α = 1/√2), which makes a DAG when two parents share a child.
 
 use ferry_sketch::learn::{project, Pca};
-use ferry_sketch::{Dag, ModuleSpec, Params, Sketcher};
+use ferry_sketch::{Dag, ModuleSpec, Params, Sampler, Sketcher};
 use serde::{Deserialize, Serialize};
 
 /// File name of a profile next to its model, and inside a sketch set's `_ferry/` folder.
 pub const PROFILE_FILE: &str = "sketch_profile.json";
+
+/// The profile format `ferry sketch fit` writes. Format 1 drew the matrices' normals through the
+/// platform's libm ([`Sampler::Libm`]); its sets are still read and extended that way.
+pub const FORMAT: u32 = 2;
 
 /// Module id of the image (root) object.
 pub const IMAGE_MODULE: u32 = 0;
@@ -40,7 +44,7 @@ pub const IMAGE_MODULE: u32 = 0;
 pub struct SketchProfile {
     /// Profile format version.
     pub format: u32,
-    /// The recipe; only `classifier` exists.
+    /// The recipe: `classifier` or `stages`.
     pub recipe: String,
     /// Sketch dimension.
     pub d: usize,
@@ -187,7 +191,11 @@ impl StageProfile {
 impl SketchProfile {
     /// The sketcher these sketches are made and read with.
     pub fn sketcher(&self) -> Result<Sketcher, ferry_sketch::Error> {
-        Sketcher::new(Params { d: self.d, c: self.c, seed: self.seed, ..Params::default() }, &self.module_specs())
+        let sampler = if self.format == 1 { Sampler::Libm } else { Sampler::Portable };
+        Sketcher::new(
+            Params { d: self.d, c: self.c, seed: self.seed, sampler, ..Params::default() },
+            &self.module_specs(),
+        )
     }
 
     /// The shape of every module, in id order.
@@ -293,7 +301,7 @@ impl SketchProfile {
 
     /// Checks internal consistency (a hand-edited or truncated file).
     pub fn validate(&self) -> Result<(), String> {
-        if self.format != 1 || !matches!(self.recipe.as_str(), "classifier" | "stages") {
+        if !(1..=FORMAT).contains(&self.format) || !matches!(self.recipe.as_str(), "classifier" | "stages") {
             return Err(format!("unsupported profile (format {}, recipe {:?})", self.format, self.recipe));
         }
         let width = self.pca_mean.len();
@@ -424,7 +432,7 @@ pub fn fit_profile(
         }
     }
     Ok(SketchProfile {
-        format: 1,
+        format: FORMAT,
         recipe: if stages.is_empty() { "classifier" } else { "stages" }.into(),
         stages,
         d: settings.d,
@@ -551,6 +559,30 @@ mod tests {
         assert_eq!(p.modules_named("c7"), vec![8]);
         assert_eq!(p.modules_named("class:7"), vec![8]);
         assert!(p.modules_named("nope").is_empty());
+    }
+
+    #[test]
+    fn a_profile_of_format_1_still_makes_its_sketches_with_libm_normals() {
+        let mut p = profile();
+        assert_eq!((p.format, p.sketcher().unwrap().params().sampler), (FORMAT, Sampler::Portable));
+        let new_sketcher = p.sketcher().unwrap();
+        let features: Vec<f32> = (0..32).map(|j| (j % 5) as f32).collect();
+        let dag = p.dag(&features, &[0.9, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        let new = p.sketcher().unwrap().sketch(&dag).unwrap();
+        p.format = 1;
+        p.validate().unwrap();
+        let old = p.sketcher().unwrap();
+        assert_eq!(old.params().sampler, Sampler::Libm);
+        // Other matrices, the same object graph: other coordinates, the same decoded objects.
+        let old_sketch = old.sketch(&dag).unwrap();
+        let moved = old_sketch.data.iter().zip(&new.data).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(moved > 0.01, "{moved}");
+        let opts = DecodeOptions { max_depth: 1, max_per_slot: 1, refine: false };
+        let modules = |sk: &Sketcher, s| sk.decode(s, opts).unwrap().iter().map(|x| x.module).collect::<Vec<_>>();
+        let (was, is) = (modules(&old, &old_sketch), modules(&new_sketcher, &new));
+        assert_eq!((was.as_slice(), &is), ([IMAGE_MODULE, 1].as_slice(), &was), "image and its top class");
+        p.format = FORMAT + 1;
+        assert!(p.validate().unwrap_err().contains("unsupported profile (format 3"));
     }
 
     #[test]
