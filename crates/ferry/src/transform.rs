@@ -46,7 +46,7 @@ use crate::image::{ImageDecoder, ImagePlan, PlanError};
 use crate::model::{ModelDir, ModelError};
 use crate::progress::{Progress, ProgressMode};
 use crate::sketch::profile::PROFILE_FILE;
-use crate::sketch::store::{profile_key, write_parquet, SketchRow};
+use crate::sketch::store::{claim, write_parquet, SketchRow};
 use crate::sketch::SketchProfile;
 use crate::store::{get_bytes, Location, StoreError};
 
@@ -663,23 +663,7 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
         None => None,
     };
     if let (Some(set), Some(w)) = (&sketches, &prepared.sketch) {
-        // Rows are decoded with the set's one profile, so rows made with another one (a refit, a
-        // new seed or format) would read back as noise.
-        match get_bytes(set.store.as_ref(), &profile_key(set)).await {
-            Ok(old) if SketchProfile::from_json(&old).ok().as_ref() != Some(&w.profile) => {
-                return Err(JobError::Config(format!(
-                    "sketch set {} was made with another sketch profile; write these sketches to a new set",
-                    set.url
-                )));
-            }
-            Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => return Err(JobError::Config(format!("reading the sketch profile of {}: {e}", set.url))),
-        }
-        let body = serde_json::to_vec_pretty(&w.profile).expect("the profile serialises");
-        set.store
-            .put(&profile_key(set), body.into())
-            .await
-            .map_err(|e| JobError::Config(format!("writing the sketch profile to {}: {e}", set.url)))?;
+        claim(set, &w.profile).await.map_err(JobError::Config)?;
     }
     let runtime = prepared.runtime.clone();
     tracing::info!(model = %cfg.model.display(), %runtime, input = %input.url, output = %output.url, "starting transform");

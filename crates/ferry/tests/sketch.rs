@@ -290,6 +290,16 @@ fn a_killed_sketch_job_resumes_with_every_finished_object_sketched() {
     assert!(stderr(&out).contains("another sketch profile"), "{}", stderr(&out));
     assert_eq!(files(&set), before);
     assert_eq!(json(&set.join("_ferry/sketch_profile.json")), json(&profile));
+    // The same for an erased copy written into a set of another profile.
+    let theirs = tmp.path().join("theirs");
+    std::fs::create_dir_all(theirs.join("_ferry")).unwrap();
+    std::fs::write(theirs.join("_ferry/sketch_profile.json"), other.to_string()).unwrap();
+    let out =
+        ferry().args(["sketch", "erase", "--sketches", &s(&set), "--keep", "64", "--output", &s(&theirs)]).output();
+    let out = out.unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("another sketch profile"), "{}", stderr(&out));
+    assert_eq!(files(&theirs), ["_ferry/sketch_profile.json"]);
 }
 
 #[test]

@@ -11,7 +11,7 @@ use object_store::ObjectStoreExt;
 use serde::Serialize;
 
 use super::profile::IMAGE_MODULE;
-use super::store::{profile_key, write_parquet, SketchRow, SketchSet};
+use super::store::{claim, write_parquet, SketchRow, SketchSet};
 use crate::store::Location;
 
 /// A loaded set ready for queries.
@@ -215,8 +215,7 @@ pub async fn erase(set: &SketchSet, keep: usize, output: &str, max_retries: usiz
         return Err(format!("--keep must be between 1 and d = {}", set.profile.d));
     }
     let out = Location::open(output, true, max_retries).map_err(|e| e.to_string())?;
-    let profile = serde_json::to_vec_pretty(&set.profile).expect("the profile serialises");
-    out.store.put(&profile_key(&out), profile.into()).await.map_err(|e| format!("{output}: {e}"))?;
+    claim(&out, &set.profile).await?;
     let mut written = 0;
     for chunk in set.rows.chunks(ERASED_PART_RECORDS) {
         let rows: Vec<SketchRow> = chunk

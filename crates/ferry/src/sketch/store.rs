@@ -13,6 +13,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
+use object_store::ObjectStoreExt;
 use parquet::basic::Compression;
 use parquet::data_type::{ByteArray, ByteArrayType, FloatType, Int32Type, Int64Type};
 use parquet::file::metadata::KeyValue;
@@ -163,6 +164,26 @@ pub fn read_parquet(bytes: Bytes) -> Result<Vec<SketchRow>, String> {
 /// The key of a set's profile.
 pub fn profile_key(set: &Location) -> Path {
     set.prefix.clone().join("_ferry").join(PROFILE_FILE)
+}
+
+/// Makes `profile` the profile of the set at `set`, or finds it there already. A set that holds
+/// another profile (a refit, another seed or format) is refused: its rows can only be read with
+/// the profile they were made with.
+pub async fn claim(set: &Location, profile: &SketchProfile) -> Result<(), String> {
+    let key = profile_key(set);
+    match get_bytes(set.store.as_ref(), &key).await {
+        Ok(old) if SketchProfile::from_json(&old).ok().as_ref() != Some(profile) => {
+            return Err(format!(
+                "sketch set {} was made with another sketch profile; write these sketches to a new set",
+                set.url
+            ));
+        }
+        Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+        Err(e) => return Err(format!("reading the sketch profile of {}: {e}", set.url)),
+    }
+    let body = serde_json::to_vec_pretty(profile).expect("the profile serialises");
+    set.store.put(&key, body.into()).await.map_err(|e| format!("writing the sketch profile to {}: {e}", set.url))?;
+    Ok(())
 }
 
 /// A loaded sketch set.
