@@ -9,7 +9,7 @@
 //! The normals behind the embeddings go one step further ([`Sampler::Portable`]): their `ln`,
 //! `sin` and `cos` are polynomials evaluated with `+ − × ÷ √` only, which IEEE 754 rounds
 //! exactly, and Rust never fuses into FMAs on its own. So every platform, libm, and SIMD width
-//! draws the same bits, and a column is evaluated 4 or 8 lanes at a time instead of through
+//! draws the same bits, and a column is evaluated 2 or 4 lanes at a time instead of through
 //! three libm calls per pair, which made generating a job's embeddings a visible part of it.
 
 use multiversion::multiversion;
@@ -207,7 +207,7 @@ fn sincos_quarter(phi: f64) -> (f64, f64) {
 #[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 fn box_muller(words: &[u64], out: &mut [f64]) {
     let pairs = out.len() / 2;
-    let (words, out) = (&words[..out.len().div_ceil(2) * 2], &mut out[..]);
+    let words = &words[..out.len().div_ceil(2) * 2];
     for i in 0..pairs {
         (out[2 * i], out[2 * i + 1]) = box_muller_pair(words[2 * i], words[2 * i + 1]);
     }
