@@ -170,27 +170,19 @@ fn ln_unit(x: f64) -> f64 {
 #[inline(always)]
 fn sincos_quarter(phi: f64) -> (f64, f64) {
     // cos φ = 1 − z/(1·2)(1 − z/(3·4)(1 − …)) and sin φ = φ(1 − z/(2·3)(1 − z/(4·5)(1 − …))),
-    // innermost factor first.
-    const COS: [f64; 8] = [
-        1.0 / (15.0 * 16.0),
-        1.0 / (13.0 * 14.0),
-        1.0 / (11.0 * 12.0),
-        1.0 / (9.0 * 10.0),
-        1.0 / (7.0 * 8.0),
-        1.0 / (5.0 * 6.0),
-        1.0 / (3.0 * 4.0),
-        1.0 / (1.0 * 2.0),
-    ];
-    const SIN: [f64; 8] = [
-        1.0 / (16.0 * 17.0),
-        1.0 / (14.0 * 15.0),
-        1.0 / (12.0 * 13.0),
-        1.0 / (10.0 * 11.0),
-        1.0 / (8.0 * 9.0),
-        1.0 / (6.0 * 7.0),
-        1.0 / (4.0 * 5.0),
-        1.0 / (2.0 * 3.0),
-    ];
+    // innermost factor first: 1/(k(k+1)) for k = 15, 13, …, 1 and k = 16, 14, …, 2.
+    const fn factors(innermost: f64) -> [f64; 8] {
+        let mut out = [0.0; 8];
+        let mut i = 0;
+        while i < 8 {
+            let k = innermost - 2.0 * i as f64;
+            out[i] = 1.0 / (k * (k + 1.0));
+            i += 1;
+        }
+        out
+    }
+    const COS: [f64; 8] = factors(15.0);
+    const SIN: [f64; 8] = factors(16.0);
     let z = phi * phi;
     let (mut c, mut s) = (1.0, 1.0);
     for (kc, ks) in COS.iter().zip(&SIN) {

@@ -293,8 +293,13 @@ fn presence_column(p: &Params, m: u64) -> Vec<f32> {
 
 fn gaussian_column(p: &Params, m: u64, col: usize) -> Vec<f64> {
     let mut out = vec![0.0; p.d];
-    Stream::new(p.seed, Tag::Embedding, m, col as u64).normals(p.sampler, &mut out);
+    draw_column(p, m, col, &mut out);
     out
+}
+
+/// The standard normals of column `col` of module `m`'s embedding, before any scaling or QR.
+fn draw_column(p: &Params, m: u64, col: usize, out: &mut [f64]) {
+    Stream::new(p.seed, Tag::Embedding, m, col as u64).normals(p.sampler, out);
 }
 
 fn build_embedding(p: &Params, m: u64, k: usize, presence: &[f32]) -> Embedding {
@@ -310,7 +315,7 @@ fn build_embedding(p: &Params, m: u64, k: usize, presence: &[f32]) -> Embedding 
         EmbeddingKind::Orthonormal => {
             let mut g = DMatrix::zeros(d, k + 1);
             for (i, mut col) in g.column_iter_mut().enumerate() {
-                Stream::new(p.seed, Tag::Embedding, m, i as u64).normals(p.sampler, col.as_mut_slice());
+                draw_column(p, m, i, col.as_mut_slice());
             }
             let qr = g.qr();
             let (q, r) = (qr.q(), qr.r());
