@@ -652,27 +652,32 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
     if cfg.part_size < 5 << 20 {
         return Err(JobError::Config("part size must be at least 5 MiB (the S3 minimum)".into()));
     }
-    let prepared = {
+    // The stores are listed while the model loads: listing a large prefix of an object store
+    // takes a request per thousand keys, seconds that need not wait for the sessions. Whichever
+    // fails first is the job's error.
+    let preparing = {
         let cfg = cfg.clone();
-        tokio::task::spawn_blocking(move || prepare(&cfg)).await.expect("model preparation panicked")?
+        async move { tokio::task::spawn_blocking(move || prepare(&cfg)).await.expect("model preparation panicked") }
     };
-    let input = Location::open(&cfg.input, false, cfg.max_retries)?;
-    let output = Location::open(&cfg.output, true, cfg.max_retries)?;
-    let sketches = match &cfg.sketch {
-        Some(url) => Some(Location::open(url, true, cfg.max_retries)?),
-        None => None,
+    let listing = async {
+        let input = Location::open(&cfg.input, false, cfg.max_retries)?;
+        let output = Location::open(&cfg.output, true, cfg.max_retries)?;
+        let sketches = match &cfg.sketch {
+            Some(url) => Some(Location::open(url, true, cfg.max_retries)?),
+            None => None,
+        };
+        let t = Instant::now();
+        let (done, objects) = tokio::try_join!(list(&output), list(&input))?;
+        Ok::<_, JobError>((input, output, sketches, done, objects, t.elapsed().as_secs_f64()))
     };
+    let (prepared, (input, output, sketches, done, mut objects, list_seconds)) = tokio::try_join!(preparing, listing)?;
     if let (Some(set), Some(w)) = (&sketches, &prepared.sketch) {
         claim(set, &w.profile).await.map_err(JobError::Config)?;
     }
     let runtime = prepared.runtime.clone();
     tracing::info!(model = %cfg.model.display(), %runtime, input = %input.url, output = %output.url, "starting transform");
 
-    let list_started = Instant::now();
-    let done: HashSet<Path> =
-        list(&output).await?.into_iter().map(|m| m.location).filter(|p| p.as_ref().ends_with(".out")).collect();
-    let mut objects = list(&input).await?;
-    let list_seconds = list_started.elapsed().as_secs_f64();
+    let done: HashSet<Path> = done.into_iter().map(|m| m.location).filter(|p| p.as_ref().ends_with(".out")).collect();
     objects.sort_by(|a, b| a.location.cmp(&b.location));
     let exclude = nested_output(&cfg.input, &cfg.output);
     let exclude_sketches = cfg.sketch.as_deref().and_then(|s| nested_output(&cfg.input, s));
