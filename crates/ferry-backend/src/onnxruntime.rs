@@ -179,7 +179,7 @@ impl OrtModel {
                 Ok((session, optimized)) => (Some(session), Source::Optimized(optimized.into())),
                 // A model that does not load fails again below, with the runtime's message.
                 Err(reason) => {
-                    tracing::debug!(%reason, "the optimised graph was not saved; each session optimises the model");
+                    tracing::warn!(%reason, "the optimised graph could not be saved; each session keeps its own copy of the weights");
                     (None, Source::Onnx(bytes.into()))
                 }
             }
