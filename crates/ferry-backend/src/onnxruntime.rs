@@ -146,13 +146,12 @@ pub(crate) struct OrtModel {
 const SHARE_FROM: usize = 3;
 
 /// What sessions are built from.
-#[derive(Clone)]
 enum Source {
     /// The graph optimised for this machine, in ONNX Runtime's format. Sessions read their
     /// weights from these bytes in place, so every session holds a reference to them.
-    Optimized(Arc<[u8]>),
+    Optimized(Arc<Vec<u8>>),
     /// The ONNX model, which each session optimises itself.
-    Onnx(Arc<[u8]>),
+    Onnx(Vec<u8>),
 }
 
 impl std::fmt::Debug for Source {
@@ -173,14 +172,14 @@ impl OrtModel {
         // From SHARE_FROM instances on, the first session optimises the graph and saves it, and
         // the others are built from what it saved, side by side.
         let (first, source) = if instances < SHARE_FROM {
-            (None, Source::Onnx(bytes.into()))
+            (None, Source::Onnx(bytes))
         } else {
             match optimize(env, &bytes, threads, &prepacked) {
-                Ok((session, optimized)) => (Some(session), Source::Optimized(optimized.into())),
+                Ok((session, optimized)) => (Some(session), Source::Optimized(Arc::new(optimized))),
                 // A model that does not load fails again below, with the runtime's message.
                 Err(reason) => {
                     tracing::warn!(%reason, "the optimised graph could not be saved; each session keeps its own copy of the weights");
-                    (None, Source::Onnx(bytes.into()))
+                    (None, Source::Onnx(bytes))
                 }
             }
         };
@@ -262,16 +261,18 @@ fn build_session(
     threads: usize,
     prepacked: &PrepackedWeights,
 ) -> ort::Result<Session> {
-    let builder = builder(env, threads)?.with_prepacked_weights(prepacked)?;
     match source {
-        Source::Optimized(bytes) => builder
+        Source::Optimized(bytes) => builder(env, threads)?
+            .with_prepacked_weights(prepacked)?
             // Already optimised, for this machine.
             .with_optimization_level(GraphOptimizationLevel::Disable)?
             // The weights stay in `bytes`, which the session's owner keeps alive.
             .with_config_entry("session.use_ort_model_bytes_directly", "1")?
             .with_config_entry("session.use_ort_model_bytes_for_initializers", "1")?
             .commit_from_memory(bytes),
-        Source::Onnx(bytes) => builder.with_optimization_level(GraphOptimizationLevel::All)?.commit_from_memory(bytes),
+        Source::Onnx(bytes) => {
+            builder(env, threads)?.with_optimization_level(GraphOptimizationLevel::All)?.commit_from_memory(bytes)
+        }
     }
 }
 
@@ -313,15 +314,19 @@ impl Model for OrtModel {
             Some(s) => s,
             None => self.session()?,
         };
-        Ok(Box::new(OrtBackend { session, info: self.info.clone(), _source: self.source.clone() }))
+        let weights = match &self.source {
+            Source::Optimized(bytes) => Some(bytes.clone()),
+            Source::Onnx(_) => None,
+        };
+        Ok(Box::new(OrtBackend { session, info: self.info.clone(), _weights: weights }))
     }
 }
 
 struct OrtBackend {
-    // Declared before `_source`, so dropped before the bytes it reads its weights from.
+    // Declared before `_weights`, so dropped before the bytes it reads its weights from.
     session: Session,
     info: ModelInfo,
-    _source: Source,
+    _weights: Option<Arc<Vec<u8>>>,
 }
 
 impl Backend for OrtBackend {
