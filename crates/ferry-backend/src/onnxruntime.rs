@@ -135,8 +135,6 @@ pub(crate) struct OrtModel {
     /// built side by side. Declared before `source`, so dropped before it.
     ready: std::sync::Mutex<Vec<Session>>,
     source: Source,
-    /// Kernels' pre-packed forms of the weights, made once for all sessions.
-    prepacked: PrepackedWeights,
 }
 
 /// The fewest instances whose sessions share one optimised graph. Saving the graph takes about
@@ -148,8 +146,9 @@ const SHARE_FROM: usize = 3;
 /// What sessions are built from.
 enum Source {
     /// The graph optimised for this machine, in ONNX Runtime's format. Sessions read their
-    /// weights from these bytes in place, so every session holds a reference to them.
-    Optimized(Arc<Vec<u8>>),
+    /// weights from these bytes in place, so every session holds a reference to them, and share
+    /// the kernels' pre-packed forms of them through one container.
+    Optimized(Arc<Vec<u8>>, PrepackedWeights),
     /// The ONNX model, which each session optimises itself.
     Onnx(Vec<u8>),
 }
@@ -157,7 +156,7 @@ enum Source {
 impl std::fmt::Debug for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Source::Optimized(b) => write!(f, "Optimized({} bytes)", b.len()),
+            Source::Optimized(b, _) => write!(f, "Optimized({} bytes)", b.len()),
             Source::Onnx(b) => write!(f, "Onnx({} bytes)", b.len()),
         }
     }
@@ -168,14 +167,14 @@ impl OrtModel {
         let (env, library) = environment(options.onnxruntime_path.as_deref())?;
         let threads = options.intra_op_threads.max(1);
         let instances = options.instances.max(1);
-        let prepacked = PrepackedWeights::new();
         // From SHARE_FROM instances on, the first session optimises the graph and saves it, and
         // the others are built from what it saved, side by side.
         let (first, source) = if instances < SHARE_FROM {
             (None, Source::Onnx(bytes))
         } else {
+            let prepacked = PrepackedWeights::new();
             match optimize(env, &bytes, threads, &prepacked) {
-                Ok((session, optimized)) => (Some(session), Source::Optimized(Arc::new(optimized))),
+                Ok((session, optimized)) => (Some(session), Source::Optimized(Arc::new(optimized), prepacked)),
                 // A model that does not load fails again below, with the runtime's message.
                 Err(reason) => {
                     tracing::warn!(%reason, "the optimised graph could not be saved; each session keeps its own copy of the weights");
@@ -190,7 +189,6 @@ impl OrtModel {
             library: library.clone(),
             ready: std::sync::Mutex::new(Vec::new()),
             source,
-            prepacked,
         };
         let mut sessions: Vec<Session> = first.into_iter().collect();
         let more = instances - sessions.len();
@@ -210,7 +208,7 @@ impl OrtModel {
 
     fn session(&self) -> Result<Session> {
         let (env, _) = environment(None)?;
-        build_session(env, &self.source, self.intra_op_threads, &self.prepacked)
+        build_session(env, &self.source, self.intra_op_threads)
             .map_err(|e| BackendError::Load { path: self.path.clone(), reason: e.to_string() })
     }
 }
@@ -255,14 +253,9 @@ fn builder(env: &ort::environment::Environment, threads: usize) -> ort::Result<S
     Ok(builder)
 }
 
-fn build_session(
-    env: &ort::environment::Environment,
-    source: &Source,
-    threads: usize,
-    prepacked: &PrepackedWeights,
-) -> ort::Result<Session> {
+fn build_session(env: &ort::environment::Environment, source: &Source, threads: usize) -> ort::Result<Session> {
     match source {
-        Source::Optimized(bytes) => builder(env, threads)?
+        Source::Optimized(bytes, prepacked) => builder(env, threads)?
             .with_prepacked_weights(prepacked)?
             // Already optimised, for this machine.
             .with_optimization_level(GraphOptimizationLevel::Disable)?
@@ -315,7 +308,7 @@ impl Model for OrtModel {
             None => self.session()?,
         };
         let weights = match &self.source {
-            Source::Optimized(bytes) => Some(bytes.clone()),
+            Source::Optimized(bytes, _) => Some(bytes.clone()),
             Source::Onnx(_) => None,
         };
         Ok(Box::new(OrtBackend { session, info: self.info.clone(), _weights: weights }))

@@ -370,8 +370,8 @@ fn the_stages_recipe_sketches_intermediate_objects_from_the_same_pass() {
     // Paths only match where both images have the same codeword at the same place in the tree, so
     // stage objects make similarity stricter than the classifier recipe's; the nearest images are
     // still the same photo's variants. Each cosine also carries the random matrices' noise, about
-    // 1/√d (0.016 at d = 4096), which is as large as the gaps between the third to fifth nearest: over nine seeds, the two nearest were always variants and
-    // at least four of the five nearest.
+    // 1/√d (0.016 at d = 4096), which is as large as the gaps between the third to fifth nearest:
+    // over nine seeds, the two nearest were always variants, and at least four of the five nearest.
     for key in
         ["chelsea/chelsea_003.jpg", "coffee/coffee_010.jpg", "rocket/rocket_020.jpg", "astronaut/astronaut_011.jpg"]
     {

@@ -568,7 +568,7 @@ mod tests {
         let new_sketcher = p.sketcher().unwrap();
         let features: Vec<f32> = (0..32).map(|j| (j % 5) as f32).collect();
         let dag = p.dag(&features, &[0.9, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
-        let new = p.sketcher().unwrap().sketch(&dag).unwrap();
+        let new = new_sketcher.sketch(&dag).unwrap();
         p.format = 1;
         p.validate().unwrap();
         let old = p.sketcher().unwrap();

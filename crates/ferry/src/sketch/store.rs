@@ -172,13 +172,14 @@ pub fn profile_key(set: &Location) -> Path {
 pub async fn claim(set: &Location, profile: &SketchProfile) -> Result<(), String> {
     let key = profile_key(set);
     match get_bytes(set.store.as_ref(), &key).await {
-        Ok(old) if SketchProfile::from_json(&old).ok().as_ref() != Some(profile) => {
+        Ok(old) if SketchProfile::from_json(&old).ok().as_ref() == Some(profile) => return Ok(()),
+        Ok(_) => {
             return Err(format!(
                 "sketch set {} was made with another sketch profile; write these sketches to a new set",
                 set.url
             ));
         }
-        Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+        Err(object_store::Error::NotFound { .. }) => {}
         Err(e) => return Err(format!("reading the sketch profile of {}: {e}", set.url)),
     }
     let body = serde_json::to_vec_pretty(profile).expect("the profile serialises");
