@@ -90,6 +90,58 @@ impl Tensor {
     }
 }
 
+/// One output tensor of a batch, row-major. Its values may stay in the memory the runtime
+/// returned them in: a stage tensor of a batch of eight MobileNetV2 images is megabytes, and
+/// copying it out of the runtime and again into each record took as long as building the
+/// records' sketches.
+pub struct Output {
+    /// Dimensions, outermost (batch) first.
+    pub shape: Vec<usize>,
+    values: Box<dyn OutputValues>,
+}
+
+/// Where an [`Output`]'s values live.
+pub trait OutputValues: Send + Sync {
+    /// The values, row-major.
+    fn values(&self) -> &[f32];
+}
+
+impl OutputValues for Vec<f32> {
+    fn values(&self) -> &[f32] {
+        self
+    }
+}
+
+impl fmt::Debug for Output {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Output").field("shape", &self.shape).finish_non_exhaustive()
+    }
+}
+
+impl Output {
+    /// An output of `shape` over `values`, checking that they fit.
+    pub fn new(shape: Vec<usize>, values: impl OutputValues + 'static) -> Self {
+        assert_eq!(shape.iter().product::<usize>(), values.values().len(), "output values do not match the shape");
+        Self { shape, values: Box::new(values) }
+    }
+
+    /// All values, row-major.
+    pub fn values(&self) -> &[f32] {
+        self.values.values()
+    }
+
+    /// Number of values in one item along the first (batch) axis.
+    pub fn row_len(&self) -> usize {
+        self.shape.iter().skip(1).product()
+    }
+
+    /// The values of item `i` along the first axis.
+    pub fn row(&self, i: usize) -> &[f32] {
+        let n = self.row_len();
+        &self.values()[i * n..(i + 1) * n]
+    }
+}
+
 /// One input or output of a model as the model file declares it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IoInfo {
@@ -210,7 +262,7 @@ fn model_bytes(path: &Path, extra: &[String]) -> Result<Vec<u8>> {
 pub trait Backend: Send {
     /// Runs one batch. `input`'s shape must fit the model's only input; the outputs come back in
     /// the model's output order, each with the batch as its first axis.
-    fn run(&mut self, input: &Tensor) -> Result<Vec<Tensor>>;
+    fn run(&mut self, input: &Tensor) -> Result<Vec<Output>>;
 }
 
 /// A loaded model: its description and a factory for per-thread instances.

@@ -11,9 +11,9 @@ use std::sync::{Arc, OnceLock};
 
 use ort::session::builder::{GraphOptimizationLevel, PrepackedWeights, SessionBuilder};
 use ort::session::Session;
-use ort::value::{TensorElementType, TensorRef, ValueType};
+use ort::value::{DynValue, TensorElementType, TensorRef, ValueType};
 
-use crate::{Backend, BackendError, IoInfo, LoadOptions, Model, ModelInfo, Result, Tensor};
+use crate::{Backend, BackendError, IoInfo, LoadOptions, Model, ModelInfo, Output, OutputValues, Result, Tensor};
 
 static ENVIRONMENT: OnceLock<std::result::Result<(ort::environment::Environment, PathBuf), String>> = OnceLock::new();
 
@@ -323,18 +323,31 @@ struct OrtBackend {
 }
 
 impl Backend for OrtBackend {
-    fn run(&mut self, input: &Tensor) -> Result<Vec<Tensor>> {
+    fn run(&mut self, input: &Tensor) -> Result<Vec<Output>> {
         crate::check_input(&self.info, &input.shape)?;
         let value = TensorRef::from_array_view((input.shape.clone(), input.data.as_slice()))
             .map_err(|e| BackendError::Run(e.to_string()))?;
-        let outputs = self.session.run(ort::inputs![value]).map_err(|e| BackendError::Run(e.to_string()))?;
-        let mut tensors = Vec::with_capacity(outputs.len());
-        for (name, value) in outputs.iter() {
-            let (shape, data) =
-                value.try_extract_tensor::<f32>().map_err(|e| BackendError::Run(format!("output {name}: {e}")))?;
+        let mut outputs = self.session.run(ort::inputs![value]).map_err(|e| BackendError::Run(e.to_string()))?;
+        let mut tensors = Vec::with_capacity(self.info.outputs.len());
+        for io in &self.info.outputs {
+            let value = outputs
+                .remove(&io.name)
+                .ok_or_else(|| BackendError::Run(format!("the session returned no output {}", io.name)))?;
+            let (shape, _) =
+                value.try_extract_tensor::<f32>().map_err(|e| BackendError::Run(format!("output {}: {e}", io.name)))?;
             let shape = shape.iter().map(|&d| d as usize).collect();
-            tensors.push(Tensor::new(shape, data.to_vec()));
+            tensors.push(Output::new(shape, OrtValues(value)));
         }
         Ok(tensors)
+    }
+}
+
+/// An output left in the memory ONNX Runtime returned it in. The value keeps its allocator
+/// alive, so it may outlive the session.
+struct OrtValues(DynValue);
+
+impl OutputValues for OrtValues {
+    fn values(&self) -> &[f32] {
+        self.0.try_extract_tensor::<f32>().expect("an f32 tensor when the batch ran, and values do not change").1
     }
 }

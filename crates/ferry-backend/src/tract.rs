@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::DimLike;
 
-use crate::{Backend, BackendError, IoInfo, ModelInfo, Result, Tensor};
+use crate::{Backend, BackendError, IoInfo, ModelInfo, Output, Result, Tensor};
 
 type Plan = TypedSimplePlan;
 
@@ -107,7 +107,7 @@ struct TractBackend {
 }
 
 impl Backend for TractBackend {
-    fn run(&mut self, input: &Tensor) -> Result<Vec<Tensor>> {
+    fn run(&mut self, input: &Tensor) -> Result<Vec<Output>> {
         let model = &self.model;
         crate::check_input(&model.info, &input.shape)?;
         let batch = input.shape[0];
@@ -133,7 +133,7 @@ impl Backend for TractBackend {
                 if let Some(first) = shape.first_mut() {
                     *first = batch;
                 }
-                Tensor::new(shape, data)
+                Output::new(shape, data)
             })
             .collect())
     }

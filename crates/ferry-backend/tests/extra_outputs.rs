@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use ferry_backend::{load, BackendError, BackendKind, LoadOptions, Tensor};
+use ferry_backend::{load, BackendError, BackendKind, LoadOptions, Output, Tensor};
 
 fn mobilenet() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/models/mobilenet_v2/model.onnx")
@@ -10,7 +10,7 @@ fn mobilenet() -> PathBuf {
 
 const STAGE: &str = "/features/features.13/Add_output_0";
 
-fn run(kind: BackendKind) -> Vec<Tensor> {
+fn run(kind: BackendKind) -> Vec<Output> {
     let options = LoadOptions { kind, extra_outputs: vec![STAGE.to_string()], ..Default::default() };
     let model = load(&mobilenet(), &options).unwrap();
     let names: Vec<&str> = model.info().outputs.iter().map(|o| o.name.as_str()).collect();
@@ -25,8 +25,8 @@ fn a_stage_is_exposed_and_both_runtimes_agree_on_it() {
     let (ort, tract) = (run(BackendKind::Ort), run(BackendKind::Tract));
     assert_eq!(ort[2].shape, [2, 96, 14, 14]);
     assert_eq!(tract[2].shape, ort[2].shape);
-    let scale = ort[2].data.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let worst = ort[2].data.iter().zip(&tract[2].data).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let scale = ort[2].values().iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let worst = ort[2].values().iter().zip(tract[2].values()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     assert!(scale > 0.1 && worst <= 1e-3 * scale, "max difference {worst} against max {scale}");
     // The model's own outputs are unchanged by the extra one.
     let plain = load(&mobilenet(), &LoadOptions { kind: BackendKind::Ort, ..Default::default() }).unwrap();
@@ -36,7 +36,7 @@ fn a_stage_is_exposed_and_both_runtimes_agree_on_it() {
     };
     let out = plain.instance().unwrap().run(&input).unwrap();
     assert_eq!(out.len(), 2);
-    assert_eq!(out[0].data, ort[0].data);
+    assert_eq!(out[0].values(), ort[0].values());
 }
 
 #[test]

@@ -9,10 +9,77 @@
 //! Bodies are written straight into a byte buffer (floats in their shortest round-trip form), so
 //! the same predictions always give the same bytes, whatever the batching.
 
+use std::sync::Arc;
+
+use ferry_backend::Output;
 use serde::Serialize;
 
-/// One record's outputs: per model output, its per-record shape and values.
-pub type RecordOutputs = Vec<(Vec<usize>, Vec<f32>)>;
+/// One record's outputs: its row of each output of the batch it ran in. The records of a batch
+/// share the batch's outputs rather than each copying its rows out.
+#[derive(Debug, Clone)]
+pub struct RecordOutputs {
+    batch: Arc<[Output]>,
+    row: usize,
+    /// Outputs this record replaced (the softmax of its scores), by output index.
+    replaced: Vec<(usize, Vec<f32>)>,
+}
+
+impl RecordOutputs {
+    /// Row `row` of each of `batch`'s outputs.
+    pub fn new(batch: Arc<[Output]>, row: usize) -> Self {
+        Self { batch, row, replaced: Vec::new() }
+    }
+
+    /// A record given as its own per-output shapes and values.
+    pub fn from_rows(rows: Vec<(Vec<usize>, Vec<f32>)>) -> Self {
+        let outputs: Vec<Output> = rows
+            .into_iter()
+            .map(|(shape, values)| Output::new(std::iter::once(1).chain(shape).collect(), values))
+            .collect();
+        Self::new(outputs.into(), 0)
+    }
+
+    /// Number of outputs.
+    pub fn len(&self) -> usize {
+        self.batch.len()
+    }
+
+    /// Whether the model had no outputs.
+    pub fn is_empty(&self) -> bool {
+        self.batch.is_empty()
+    }
+
+    /// Output `j`'s per-record shape.
+    pub fn shape(&self, j: usize) -> &[usize] {
+        &self.batch[j].shape[1..]
+    }
+
+    /// Output `j`'s values for this record.
+    pub fn values(&self, j: usize) -> &[f32] {
+        match self.replaced.iter().find(|(i, _)| *i == j) {
+            Some((_, v)) => v,
+            None => self.batch[j].row(self.row),
+        }
+    }
+
+    /// Replaces output `j`'s values for this record.
+    pub fn replace(&mut self, j: usize, values: Vec<f32>) {
+        assert_eq!(values.len(), self.batch[j].row_len(), "a replacement of another length");
+        self.replaced.retain(|(i, _)| *i != j);
+        self.replaced.push((j, values));
+    }
+
+    /// Copies this record's rows out of the batch, so that keeping the record does not keep the
+    /// whole batch: for records that wait for the rest of their object.
+    pub fn detach(&mut self) {
+        if self.batch.first().is_some_and(|o| o.shape.first() == Some(&1)) {
+            return;
+        }
+        let rows = (0..self.len()).map(|j| (self.shape(j).to_vec(), self.batch[j].row(self.row).to_vec())).collect();
+        let replaced = std::mem::take(&mut self.replaced);
+        *self = Self { replaced, ..Self::from_rows(rows) };
+    }
+}
 
 /// Settings for turning outputs into JSON.
 #[derive(Debug, Clone)]
@@ -53,33 +120,33 @@ impl Encoder {
         out
     }
 
+    /// Writes one record; with `softmax`, replaces its scores by their softmax first, which
+    /// the sketch recipes then read.
     fn write_record(&self, out: &mut Vec<u8>, outputs: &mut RecordOutputs) {
-        if self.softmax {
-            if let Some((_, scores)) = outputs.get_mut(self.score_output) {
-                softmax(scores);
-            }
+        if self.softmax && self.score_output < outputs.len() {
+            let mut scores = outputs.values(self.score_output).to_vec();
+            softmax(&mut scores);
+            outputs.replace(self.score_output, scores);
         }
         if let Some(k) = self.top_k {
-            let scores = &outputs[self.score_output].1;
+            let scores = outputs.values(self.score_output);
             let top = TopK::new(scores, k, self.labels.as_deref(), self.softmax);
             serde_json::to_writer(out, &top).expect("writing to a Vec cannot fail");
             return;
         }
         let shown: Vec<usize> = (0..outputs.len()).filter(|i| !self.hidden.contains(i)).collect();
         if let [only] = shown.as_slice() {
-            let (shape, values) = &outputs[*only];
-            write_nested(out, shape, values);
+            write_nested(out, outputs.shape(*only), outputs.values(*only));
             return;
         }
         out.push(b'{');
         for (n, &i) in shown.iter().enumerate() {
-            let ((shape, values), name) = (&outputs[i], &self.output_names[i]);
             if n > 0 {
                 out.push(b',');
             }
-            serde_json::to_writer(&mut *out, name).expect("writing to a Vec cannot fail");
+            serde_json::to_writer(&mut *out, &self.output_names[i]).expect("writing to a Vec cannot fail");
             out.push(b':');
-            write_nested(out, shape, values);
+            write_nested(out, outputs.shape(i), outputs.values(i));
         }
         out.push(b'}');
     }
@@ -179,13 +246,17 @@ mod tests {
         }
     }
 
+    fn rec(rows: Vec<(Vec<usize>, Vec<f32>)>) -> Result<RecordOutputs, String> {
+        Ok(RecordOutputs::from_rows(rows))
+    }
+
     fn json(bytes: Vec<u8>) -> serde_json::Value {
         serde_json::from_slice(&bytes).unwrap()
     }
 
     #[test]
     fn full_scores_nest_to_the_output_shape() {
-        let mut records = vec![Ok(vec![(vec![2, 2], vec![1.0, 2.5, -3.0, 0.1])]), Ok(vec![(vec![], vec![7.0])])];
+        let mut records = vec![rec(vec![(vec![2, 2], vec![1.0, 2.5, -3.0, 0.1])]), rec(vec![(vec![], vec![7.0])])];
         let v = json(encoder().body(&mut records));
         assert_eq!(v, serde_json::json!({"predictions": [[[1.0, 2.5], [-3.0, 0.1]], 7.0]}));
     }
@@ -198,7 +269,7 @@ mod tests {
             labels: Some(vec!["a".into(), "b".into(), "c".into()]),
             ..encoder()
         };
-        let mut records = vec![Ok(vec![(vec![3], vec![1.0, 3.0, 2.0])]), Err("bad JPEG".to_string())];
+        let mut records = vec![rec(vec![(vec![3], vec![1.0, 3.0, 2.0])]), Err("bad JPEG".to_string())];
         let v = json(e.body(&mut records));
         let p = &v["predictions"][0];
         assert_eq!(p["classes"], serde_json::json!([1, 2]));
@@ -212,7 +283,7 @@ mod tests {
     #[test]
     fn several_outputs_are_keyed_by_name_and_non_finite_is_null() {
         let e = Encoder { output_names: vec!["a".into(), "b".into()], ..encoder() };
-        let mut records = vec![Ok(vec![(vec![1], vec![f32::NAN]), (vec![2], vec![0.5, 1e-7])])];
+        let mut records = vec![rec(vec![(vec![1], vec![f32::NAN]), (vec![2], vec![0.5, 1e-7])])];
         let v = json(e.body(&mut records));
         assert_eq!(v, serde_json::json!({"predictions": [{"a": [null], "b": [0.5, 1e-7]}]}));
     }
@@ -220,11 +291,38 @@ mod tests {
     #[test]
     fn hidden_outputs_are_left_out() {
         let e = Encoder { output_names: vec!["logits".into(), "features".into()], hidden: vec![1], ..encoder() };
-        let mut records = vec![Ok(vec![(vec![2], vec![0.5, 2.0]), (vec![3], vec![1.0, 2.0, 3.0])])];
+        let mut records = vec![rec(vec![(vec![2], vec![0.5, 2.0]), (vec![3], vec![1.0, 2.0, 3.0])])];
         assert_eq!(json(e.body(&mut records)), serde_json::json!({"predictions": [[0.5, 2.0]]}));
         let e = Encoder { output_names: vec!["a".into(), "b".into(), "f".into()], hidden: vec![2], ..encoder() };
-        let mut records = vec![Ok(vec![(vec![], vec![1.0]), (vec![], vec![2.0]), (vec![], vec![3.0])])];
+        let mut records = vec![rec(vec![(vec![], vec![1.0]), (vec![], vec![2.0]), (vec![], vec![3.0])])];
         assert_eq!(json(e.body(&mut records)), serde_json::json!({"predictions": [{"a": 1.0, "b": 2.0}]}));
+    }
+
+    #[test]
+    fn records_of_a_batch_read_their_own_rows_and_keep_their_own_softmax() {
+        let batch: Arc<[Output]> = vec![
+            Output::new(vec![2, 3], vec![1.0, 3.0, 2.0, 0.0, 0.0, 5.0]),
+            Output::new(vec![2, 2, 1], vec![10.0, 11.0, 20.0, 21.0]),
+        ]
+        .into();
+        let e = Encoder { output_names: vec!["s".into(), "f".into()], softmax: true, hidden: vec![1], ..encoder() };
+        let mut records = vec![Ok(RecordOutputs::new(batch.clone(), 0)), Ok(RecordOutputs::new(batch.clone(), 1))];
+        let mut waiting = RecordOutputs::new(batch.clone(), 1);
+        waiting.detach();
+        let body = json(e.body(&mut records));
+        let check = |got: &serde_json::Value, row: &[f32]| {
+            let mut p = row.to_vec();
+            softmax(&mut p);
+            let got: Vec<f32> = got.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+            assert_eq!(got, p);
+        };
+        check(&body["predictions"][0], &[1.0, 3.0, 2.0]);
+        check(&body["predictions"][1], &[0.0, 0.0, 5.0]);
+        let second = records[1].as_ref().unwrap();
+        assert_eq!((second.shape(1), second.values(1)), (&[2, 1][..], &[20.0, 21.0][..]));
+        assert_eq!(batch[0].row(1), [0.0, 0.0, 5.0], "the batch itself is unchanged");
+        let alone = json(e.body(&mut [Ok(waiting)]));
+        assert_eq!(alone["predictions"][0], body["predictions"][1], "a detached record encodes the same");
     }
 
     #[test]

@@ -350,8 +350,7 @@ impl SketchWriter {
         let mut dags = Vec::new();
         for (i, r) in records.iter().enumerate() {
             if let Ok(outputs) = r {
-                let get =
-                    |name: &str| self.inputs.get(name).map(|&j| (outputs[j].0.as_slice(), outputs[j].1.as_slice()));
+                let get = |name: &str| self.inputs.get(name).map(|&j| (outputs.shape(j), outputs.values(j)));
                 dags.push((i as i64, self.profile.record_dag(get).map_err(|e| format!("record {i}: sketch: {e}"))?));
             }
         }
@@ -963,11 +962,16 @@ async fn run_pipeline(
                         reason: reason.clone(),
                     });
                 }
-                p.records[index] = Some(outcome);
                 p.remaining -= 1;
                 if p.remaining > 0 {
+                    // It waits for the rest of its object, which may take many batches.
+                    p.records[index] = Some(outcome.map(|mut r| {
+                        r.detach();
+                        r
+                    }));
                     continue;
                 }
+                p.records[index] = Some(outcome);
                 let p = pending.remove(&id).expect("present");
                 let mut records: Vec<_> = p.records.into_iter().map(|r| r.expect("all records are back")).collect();
                 let record_count = records.len() as u64;
@@ -1208,9 +1212,10 @@ fn infer_loop(mut backend: Box<dyn Backend>, t: ModelThread) {
                 None => Ok(outputs),
             }
         });
+        let result = result.map(Arc::<[_]>::from);
         for (i, d) in batch.into_iter().enumerate() {
             let outcome = match &result {
-                Ok(outputs) => Ok(outputs.iter().map(|o| (o.shape[1..].to_vec(), o.row(i).to_vec())).collect()),
+                Ok(outputs) => Ok(RecordOutputs::new(outputs.clone(), i)),
                 Err(e) => Err(e.clone()),
             };
             let _ = events.send_blocking(Event::Record { id: d.id, index: d.index, outcome });
