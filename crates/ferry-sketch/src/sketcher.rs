@@ -132,18 +132,16 @@ impl Rotation {
 
     /// `Q v`
     pub(crate) fn apply(&self, v: &[f32]) -> Vec<f32> {
-        let mut out = vec![0.0; v.len()];
-        self.apply_add(v, 1.0, &mut out);
-        out
+        assert_eq!(v.len(), self.inv.len(), "rotation of a vector of another dimension");
+        // SAFETY: `inv` is a signed permutation of `0..d` and `v` has length `d`.
+        unsafe { vector::gather(v, &self.inv) }
     }
 
     /// `Qᵀ u`
     pub(crate) fn apply_t(&self, u: &[f32]) -> Vec<f32> {
         assert_eq!(u.len(), self.fwd.len(), "rotation of a vector of another dimension");
-        let mut out = vec![0.0; u.len()];
         // SAFETY: `fwd` is a signed permutation of `0..d` and `u` has length `d`.
-        unsafe { vector::gather_add(&mut out, 1.0, u, &self.fwd) };
-        out
+        unsafe { vector::gather(u, &self.fwd) }
     }
 
     /// `Qᵀ` applied to a coordinate mask.

@@ -233,6 +233,23 @@ pub(crate) unsafe fn gather_add(y: &mut [f32], a: f32, x: &[f32], idx: &[u32]) {
     }
 }
 
+/// `y[i] = ±x[idx[i] & !NEGATE]`: [`gather_add`] into a fresh vector, without first zeroing it
+/// and reading the zeros back.
+///
+/// # Safety
+/// Every index, without its top bit, must be less than `x.len()`.
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+pub(crate) unsafe fn gather(x: &[f32], idx: &[u32]) -> Vec<f32> {
+    debug_assert!(idx.iter().all(|&i| ((i & !NEGATE) as usize) < x.len()), "gather index out of range");
+    idx.iter()
+        .map(|&i| {
+            // SAFETY: the caller guarantees every index is in range.
+            let v = unsafe { *x.get_unchecked((i & !NEGATE) as usize) };
+            f32::from_bits(v.to_bits() ^ (i & NEGATE))
+        })
+        .collect()
+}
+
 pub(crate) fn norm(a: &[f32]) -> f32 {
     dot(a, a).sqrt()
 }
