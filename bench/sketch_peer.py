@@ -4,7 +4,8 @@ decode them fully with the per-block least-squares decoder.
 
 Also times generating the module matrices (normals, QR and sign fix), per module.
 
-Prints one JSON object: {"<workload>": {"sketch_us": ..., "decode_us": ..., "objects": ..., "matrix_us": ...}}.
+Prints one JSON object: {"<workload>": {"sketch_us": ..., "decode_us": ..., "objects": ..., "matrix_us": ...}},
+for the workloads named on the command line (default: all).
 """
 import json
 import math
@@ -95,10 +96,12 @@ def workload(d, k, m, fan, depth, trees, rounds=7):
     }
 
 
+WORKLOADS = {
+    "d1024": (1024, 8, 32, 3, 3, 100),
+    "d4096": (4096, 16, 64, 2, 4, 50),
+}
+
 if __name__ == "__main__":
-    out = {
-        "d1024": workload(1024, 8, 32, 3, 3, 100),
-        "d4096": workload(4096, 16, 64, 2, 4, 50),
-    }
-    json.dump(out, sys.stdout)
+    names = sys.argv[1:] or list(WORKLOADS)
+    json.dump({name: workload(*WORKLOADS[name]) for name in names}, sys.stdout)
     print()
