@@ -1,5 +1,6 @@
 //! Many ONNX Runtime sessions of one model: from three on they share one optimised graph and its
-//! weights, and must compute exactly what a lone session does.
+//! weights, and must compute exactly what a lone session does. Outputs are read where ONNX
+//! Runtime left them, and must stay valid after their session is gone.
 
 use std::path::PathBuf;
 
@@ -38,6 +39,30 @@ fn sessions_sharing_one_optimised_graph_compute_what_a_lone_session_does() {
         for (g, e) in got.iter().zip(&expected) {
             assert_eq!(g.shape, e.shape, "instance {i}");
             assert!(g.values() == e.values(), "instance {i} differs from a lone session");
+        }
+    }
+}
+
+#[test]
+fn outputs_outlive_their_session() {
+    for instances in [1, 3] {
+        let model = load(&mobilenet(), &options(instances)).unwrap();
+        let mut instance = model.instance().unwrap();
+        let outputs = instance.run(&input()).unwrap();
+        let copies: Vec<Vec<f32>> = outputs.iter().map(|o| o.values().to_vec()).collect();
+        drop(instance);
+        drop(model);
+        // Other sessions allocate and compute in the meantime, as the next job's would.
+        let other = load(&mobilenet(), &options(instances)).unwrap();
+        let mut again = other.instance().unwrap();
+        for _ in 0..2 {
+            again.run(&Tensor { shape: vec![4, 3, 224, 224], data: vec![0.5; 4 * 3 * 224 * 224] }).unwrap();
+        }
+        for (o, c) in outputs.iter().zip(&copies) {
+            assert!(
+                o.values() == c.as_slice(),
+                "{instances} sessions: an output changed after its session was dropped"
+            );
         }
     }
 }
