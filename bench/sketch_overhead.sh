@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# What writing sketches adds to a transform job: plain jobs and jobs with `--sketch`, interleaved,
+# for each recipe (classifier and stages) on the bench dataset with MobileNetV2, printing mean wall
+# and CPU seconds (user + sys) and the overhead of each.
+#
+# Profiles are fitted once, on 300 of the images, into the bench folder. Each job writes to a new
+# folder, all removed at the end: creating files within a minute of deleting thousands in the same
+# file system makes ext4 scan for free inodes (`recently_deleted`), a cost of the benchmark loop
+# rather than of a job, so leave a minute between runs of this script too.
+#
+# usage: [RECIPES="classifier stages"] bench/sketch_overhead.sh [PAIRS] [COUNT]     (defaults 4, 1000)
+# needs: pip install -r tests/requirements.txt (the dataset generator)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+pairs=${1:-4}
+count=${2:-1000}
+work=${FERRY_BENCH_DIR:-/tmp/ferry-bench}
+model=examples/models/mobilenet_v2
+mkdir -p "$work"
+
+cargo build --release -q
+ferry=${CARGO_TARGET_DIR:-target}/release/ferry
+
+if [ "$(ls "$work/images" 2>/dev/null | wc -l)" != "$count" ]; then
+  rm -rf "$work/images"
+  python3 bench/make_dataset.py --out "$work/images" --count "$count"
+fi
+# The stages recipe reads three MobileNetV2 stages (deepest first): 1280×7×7, 96×14×14, 32×28×28.
+declare -A fit_args=(
+  [classifier]="--recipe classifier"
+  [stages]="--recipe stages --stage /features/features.18/features.18.2/Clip_output_0 \
+--stage /features/features.13/Add_output_0 --stage /features/features.6/Add_output_0"
+)
+recipes=${RECIPES:-classifier stages}
+for recipe in $recipes; do
+  profile="$work/profile-$recipe.json"
+  if [ ! -f "$profile" ]; then
+    # shellcheck disable=SC2086
+    "$ferry" sketch fit --model "$model" --input "$work/images" --limit 300 --output "$profile" ${fit_args[$recipe]} >&2
+  fi
+done
+
+runs=$(mktemp -d -p "$work" overhead.XXXXXX)
+trap 'rm -rf "$runs"' EXIT
+# One job; prints "wall cpu".
+job() {
+  local out
+  out=$(mktemp -d -p "$runs")
+  /usr/bin/time -f "%e %U %S" -o "$out.time" "$ferry" transform --model "$model" --input "$work/images" \
+    --output "$out/out" --top-k 5 --progress off "$@" 2>/dev/null
+  awk '{ printf "%s %.2f\n", $1, $2 + $3 }' "$out.time"
+}
+
+printf "%-11s %6s %11s %11s %10s %10s %9s %9s\n" recipe pairs "plain wall" "with wall" "plain CPU" "with CPU" wall CPU
+for recipe in $recipes; do
+  : >"$runs/times"
+  for _ in $(seq "$pairs"); do
+    echo "plain $(job)" >>"$runs/times"
+    echo "with $(job --sketch "$(mktemp -d -p "$runs")/sketches" --sketch-profile "$work/profile-$recipe.json")" >>"$runs/times"
+  done
+  awk -v r="$recipe" -v n="$pairs" '{ wall[$1] += $2; cpu[$1] += $3 } END {
+    printf "%-11s %6d %10.2fs %10.2fs %9.1fs %9.1fs %+8.1f%% %+8.1f%%\n", r, n, wall["plain"] / n, wall["with"] / n,
+      cpu["plain"] / n, cpu["with"] / n, 100 * (wall["with"] / wall["plain"] - 1), 100 * (cpu["with"] / cpu["plain"] - 1) }' "$runs/times"
+done
+echo "means over the pairs; CPU is user + sys; $count images, MobileNetV2, --top-k 5, default threads and batch"
