@@ -16,15 +16,9 @@ pairs=${1:-4}
 count=${2:-1000}
 work=${FERRY_BENCH_DIR:-/tmp/ferry-bench}
 model=examples/models/mobilenet_v2
-mkdir -p "$work"
-
-cargo build --release -q
-ferry=${CARGO_TARGET_DIR:-target}/release/ferry
-
-if [ "$(ls "$work/images" 2>/dev/null | wc -l)" != "$count" ]; then
-  rm -rf "$work/images"
-  python3 bench/make_dataset.py --out "$work/images" --count "$count"
-fi
+# shellcheck source=bench/common.sh
+. bench/common.sh
+prepare_bench
 # The stages recipe reads three MobileNetV2 stages (deepest first): 1280×7×7, 96×14×14, 32×28×28.
 declare -A fit_args=(
   [classifier]="--recipe classifier"

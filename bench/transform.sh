@@ -20,15 +20,9 @@ work=${FERRY_BENCH_DIR:-/tmp/ferry-bench}
 threads=$(nproc)
 batch=${BATCH:-8}
 rounds=${ROUNDS:-3}
-mkdir -p "$work"
-
-cargo build --release -q
-ferry=${CARGO_TARGET_DIR:-target}/release/ferry
-
-if [ "$(ls "$work/images" 2>/dev/null | wc -l)" != "$count" ]; then
-  rm -rf "$work/images"
-  python3 bench/make_dataset.py --out "$work/images" --count "$count"
-fi
+# shellcheck source=bench/common.sh
+. bench/common.sh
+prepare_bench
 rm -rf "$work/images-resnet" && mkdir -p "$work/images-resnet"
 ls "$work/images" | sed -n "1,${resnet_count}p" | while read -r f; do ln -s "$work/images/$f" "$work/images-resnet/$f"; done
 if [ ! -f "$work/resnet50/model.onnx" ]; then
