@@ -80,14 +80,24 @@ impl Tensor {
 
     /// Number of values in one item along the first (batch) axis.
     pub fn row_len(&self) -> usize {
-        self.shape.iter().skip(1).product()
+        row_len(&self.shape)
     }
 
     /// The values of item `i` along the first axis.
     pub fn row(&self, i: usize) -> &[f32] {
-        let n = self.row_len();
-        &self.data[i * n..(i + 1) * n]
+        row(&self.shape, &self.data, i)
     }
+}
+
+/// Values in one item along the first (batch) axis of `shape`.
+fn row_len(shape: &[usize]) -> usize {
+    shape.iter().skip(1).product()
+}
+
+/// Item `i` along the first axis of row-major `values` of `shape`.
+fn row<'a>(shape: &[usize], values: &'a [f32], i: usize) -> &'a [f32] {
+    let n = row_len(shape);
+    &values[i * n..(i + 1) * n]
 }
 
 /// One output tensor of a batch, row-major. Its values may stay in the memory the runtime
@@ -132,13 +142,12 @@ impl Output {
 
     /// Number of values in one item along the first (batch) axis.
     pub fn row_len(&self) -> usize {
-        self.shape.iter().skip(1).product()
+        row_len(&self.shape)
     }
 
     /// The values of item `i` along the first axis.
     pub fn row(&self, i: usize) -> &[f32] {
-        let n = self.row_len();
-        &self.values()[i * n..(i + 1) * n]
+        row(&self.shape, self.values(), i)
     }
 }
 
