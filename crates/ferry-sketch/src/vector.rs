@@ -250,6 +250,88 @@ pub(crate) unsafe fn gather(x: &[f32], idx: &[u32]) -> Vec<f32> {
         .collect()
 }
 
+/// Rows per block of the f64 kernels below: 17 columns of 128 rows stay in a 32 KiB L1.
+const F64_ROWS: usize = 128;
+/// Independent accumulators per sum: four 4-lane additions in flight hide their latency.
+const F64_LANES: usize = 16;
+
+/// The upper triangle of `AᵀA`, row by row (`n (n+1) / 2` entries), for `A` column-major
+/// `d × n`. Rows are taken a block at a time, so every column pair reads its block from L1,
+/// and each entry sums its products into 16 lanes by row index, then adds the lanes in a
+/// fixed order: the same bits on every CPU.
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+pub(crate) fn gram(a: &[f64], d: usize, n: usize) -> Vec<f64> {
+    assert_eq!(a.len(), d * n, "a d × n matrix");
+    let mut acc = vec![[0.0f64; F64_LANES]; n * (n + 1) / 2];
+    for start in (0..d).step_by(F64_ROWS) {
+        let end = (start + F64_ROWS).min(d);
+        let mut p = 0;
+        for i in 0..n {
+            let x = &a[i * d + start..i * d + end];
+            for j in i..n {
+                let y = &a[j * d + start..j * d + end];
+                let mut lanes = acc[p];
+                let (cx, cy) = (x.chunks_exact(F64_LANES), y.chunks_exact(F64_LANES));
+                let (rx, ry) = (cx.remainder(), cy.remainder());
+                for (x, y) in cx.zip(cy) {
+                    for (l, (x, y)) in lanes.iter_mut().zip(x.iter().zip(y)) {
+                        *l += x * y;
+                    }
+                }
+                if !rx.is_empty() {
+                    tail(&mut lanes, rx, ry);
+                }
+                acc[p] = lanes;
+                p += 1;
+            }
+        }
+    }
+    acc.iter().map(|l| l.chunks_exact(4).map(|q| (q[0] + q[1]) + (q[2] + q[3])).fold(0.0, |s, q| s + q)).collect()
+}
+
+/// The rows of a block that do not fill a whole set of lanes, each into the lane of its row.
+#[inline(never)]
+fn tail(lanes: &mut [f64; F64_LANES], x: &[f64], y: &[f64]) {
+    for (l, (x, y)) in lanes.iter_mut().zip(x.iter().zip(y)) {
+        *l += x * y;
+    }
+}
+
+/// `A ← A R⁻¹` for `A` column-major `d × n` and `R` upper triangular (`r[i·n + j]`, `i ≤ j`):
+/// column `j` becomes `(a_j − Σ_{i<j} r_ij q_i) / r_jj`, 16 rows at a time kept in registers
+/// across all `i`. Each element sees the same operations in the same order on every CPU.
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+pub(crate) fn solve_upper(a: &mut [f64], d: usize, n: usize, r: &[f64]) {
+    assert_eq!((a.len(), r.len()), (d * n, n * n), "a d × n matrix and an n × n one");
+    for j in 0..n {
+        let (done, rest) = a.split_at_mut(j * d);
+        let col = &mut rest[..d];
+        let diag = r[j * n + j];
+        let mut start = 0;
+        while start + F64_LANES <= d {
+            let mut acc: [f64; F64_LANES] = col[start..start + F64_LANES].try_into().expect("a full block");
+            for i in 0..j {
+                let f = r[i * n + j];
+                let x: &[f64; F64_LANES] = done[i * d + start..][..F64_LANES].try_into().expect("a full block");
+                for l in 0..F64_LANES {
+                    acc[l] -= f * x[l];
+                }
+            }
+            for (y, v) in col[start..start + F64_LANES].iter_mut().zip(&acc) {
+                *y = v / diag;
+            }
+            start += F64_LANES;
+        }
+        for (row, y) in col.iter_mut().enumerate().skip(start) {
+            let mut v = *y;
+            for i in 0..j {
+                v -= r[i * n + j] * done[i * d + row];
+            }
+            *y = v / diag;
+        }
+    }
+}
+
 pub(crate) fn norm(a: &[f32]) -> f32 {
     dot(a, a).sqrt()
 }
