@@ -24,7 +24,7 @@
 //! ordered slots (α = 1/√n); each peak holds the two strongest peaks of the next finer stage
 //! within 1.5 of its cells (α = 1/√2), which makes a DAG when two parents share a child.
 
-use ferry_sketch::learn::{project, Pca};
+use ferry_sketch::learn::{project, project_each, Pca};
 use ferry_sketch::{Dag, ModuleSpec, Params, Sampler, Sketcher};
 use serde::{Deserialize, Serialize};
 
@@ -141,32 +141,41 @@ pub fn peaks(shape: &[usize], values: &[f32], n: usize) -> Result<Vec<Peak>, Str
         }
     }
     act.iter_mut().for_each(|a| *a = (*a / c as f32).sqrt());
+    // A cell survives unless a neighbour beats it: higher activation, or equal and earlier.
     let key = |i: usize| (act[i], std::cmp::Reverse(i));
-    let mut kept: Vec<usize> = (0..h * w)
-        .filter(|&i| {
-            let (y, x) = ((i / w) as isize, (i % w) as isize);
-            (-1..=1).all(|dy| {
-                (-1..=1).all(|dx| {
-                    let (ny, nx) = (y + dy, x + dx);
-                    (dy == 0 && dx == 0)
-                        || ny < 0
-                        || nx < 0
-                        || ny >= h as isize
-                        || nx >= w as isize
-                        || key(ny as usize * w + nx as usize).partial_cmp(&key(i)) != Some(std::cmp::Ordering::Greater)
+    let mut kept = Vec::new();
+    for y in 0..h {
+        for x in 0..w {
+            let i = y * w + x;
+            let beaten = (y.saturating_sub(1)..=(y + 1).min(h - 1)).any(|ny| {
+                (x.saturating_sub(1)..=(x + 1).min(w - 1)).any(|nx| {
+                    let j = ny * w + nx;
+                    j != i && key(j).partial_cmp(&key(i)) == Some(std::cmp::Ordering::Greater)
                 })
-            })
-        })
-        .collect();
+            });
+            if !beaten {
+                kept.push(i);
+            }
+        }
+    }
     kept.sort_by(|&a, &b| act[b].total_cmp(&act[a]).then(a.cmp(&b)));
     kept.truncate(n);
+    // Channel by channel for all peaks at once: a channel's plane is read once, where a peak at
+    // a time would touch a cache line per channel for each peak.
+    let mut vectors = vec![Vec::with_capacity(c); kept.len()];
+    for plane in values.chunks_exact(h * w) {
+        for (v, &i) in vectors.iter_mut().zip(&kept) {
+            v.push(plane[i]);
+        }
+    }
     Ok(kept
         .into_iter()
-        .map(|i| Peak {
+        .zip(vectors)
+        .map(|(i, vector)| Peak {
             y: ((i / w) as f32 + 0.5) / h as f32,
             x: ((i % w) as f32 + 0.5) / w as f32,
             activation: act[i],
-            vector: (0..c).map(|ch| values[ch * h * w + i]).collect(),
+            vector,
         })
         .collect())
 }
@@ -174,17 +183,31 @@ pub fn peaks(shape: &[usize], values: &[f32], n: usize) -> Result<Vec<Peak>, Str
 impl StageProfile {
     /// The attribute vector before normalisation.
     fn raw_attr(&self, p: &Peak) -> Vec<f32> {
-        let mut v = vec![p.y - 0.5, p.x - 0.5, (1.0 + p.activation).ln() / self.activation_norm.max(1e-6)];
-        let scale = ((STAGE_DIM - 3) as f32).sqrt();
-        let z = project(&self.pca_mean, &self.pca_components, &self.pca_variances, &p.vector, true);
-        v.extend(z.into_iter().take(STAGE_DIM - 3).map(|z| z / scale));
-        v.resize(STAGE_DIM, 0.0);
-        v
+        self.raw_attrs(std::slice::from_ref(p)).remove(0)
     }
 
-    /// The codeword (module index within the stage) and attributes of a peak.
-    pub fn object(&self, p: &Peak) -> (usize, Vec<f32>) {
-        (ferry_sketch::learn::nearest(&self.codebook, &p.vector), unit_ball(&self.raw_attr(p), self.attr_norm))
+    /// [`StageProfile::raw_attr`] of each peak, reading the PCA components once for all.
+    fn raw_attrs(&self, peaks: &[Peak]) -> Vec<Vec<f32>> {
+        let vectors: Vec<&[f32]> = peaks.iter().map(|p| p.vector.as_slice()).collect();
+        let z = project_each(&self.pca_mean, &self.pca_components, &self.pca_variances, &vectors, true);
+        let scale = ((STAGE_DIM - 3) as f32).sqrt();
+        peaks
+            .iter()
+            .zip(z)
+            .map(|(p, z)| {
+                let mut v = vec![p.y - 0.5, p.x - 0.5, (1.0 + p.activation).ln() / self.activation_norm.max(1e-6)];
+                v.extend(z.into_iter().take(STAGE_DIM - 3).map(|z| z / scale));
+                v.resize(STAGE_DIM, 0.0);
+                v
+            })
+            .collect()
+    }
+
+    /// The codeword (module index within the stage) and attributes of each peak.
+    pub fn objects(&self, peaks: &[Peak]) -> Vec<(usize, Vec<f32>)> {
+        let vectors: Vec<&[f32]> = peaks.iter().map(|p| p.vector.as_slice()).collect();
+        let codes = ferry_sketch::learn::nearest_each(&self.codebook, &vectors);
+        codes.into_iter().zip(self.raw_attrs(peaks)).map(|(c, a)| (c, unit_ball(&a, self.attr_norm))).collect()
     }
 }
 
@@ -260,13 +283,8 @@ impl SketchProfile {
                 ));
             }
             let found = peaks(shape, values, st.peaks)?;
-            let ids: Vec<usize> = found
-                .iter()
-                .map(|p| {
-                    let (code, attr) = st.object(p);
-                    dag.add(self.stage_module(i, code), attr)
-                })
-                .collect();
+            let ids: Vec<usize> =
+                st.objects(&found).into_iter().map(|(code, attr)| dag.add(self.stage_module(i, code), attr)).collect();
             if i == 0 {
                 let alpha = 1.0 / (ids.len().max(1) as f32).sqrt();
                 for (slot, &id) in ids.iter().enumerate() {
