@@ -22,11 +22,15 @@ def main():
         model, torch.zeros(1, 3, 224, 224), os.path.join(args.out, "model.onnx"),
         input_names=["input"], output_names=["logits"],
         dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=13)
-    # Same ImageNet pre-processing as the shipped MobileNetV2. This export has only the logits, so
-    # the MobileNetV2 file's `features` output (for sketches) is left out: ferry refuses a model
-    # directory that names an output its model does not have.
+    # Same ImageNet pre-processing as the shipped MobileNetV2. This export declares only the logits;
+    # the pooled features that sketches read are the tensor torch's exporter names
+    # `/Flatten_output_0`, which ferry exposes when a job sketches.
     with open(os.path.join(here, "..", "examples", "models", "mobilenet_v2", "ferry.toml")) as f:
-        lines = [line for line in f if not line.startswith("features")]
+        lines = [
+            'features = "/Flatten_output_0" # pooled features inside the graph, for sketches\n'
+            if line.startswith("features") else line
+            for line in f
+        ]
     with open(os.path.join(args.out, "ferry.toml"), "w") as f:
         f.writelines(lines)
     print("wrote", args.out)

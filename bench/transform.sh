@@ -23,18 +23,15 @@ rounds=${ROUNDS:-3}
 # shellcheck source=bench/common.sh
 . bench/common.sh
 prepare_bench
-rm -rf "$work/images-resnet" && mkdir -p "$work/images-resnet"
-ls "$work/images" | sed -n "1,${resnet_count}p" | while read -r f; do ln -s "$work/images/$f" "$work/images-resnet/$f"; done
-if [ ! -f "$work/resnet50/model.onnx" ]; then
-  /usr/bin/python3 bench/export_resnet50.py --out "$work/resnet50"
-fi
+resnet_images=$(subset "$resnet_count")
+prepare_resnet50
 
 rm -rf "$work/out"
 results=$work/results.jsonl
 : >"$results"
 row() { echo "{\"model\": \"$1\", \"what\": \"$2\", \"result\": $3}" >>"$results"; }
 
-for spec in "mobilenet_v2:examples/models/mobilenet_v2:$work/images" "resnet50:$work/resnet50:$work/images-resnet"; do
+for spec in "mobilenet_v2:examples/models/mobilenet_v2:$work/images" "resnet50:$work/resnet50:$resnet_images"; do
   IFS=: read -r name model images <<<"$spec"
   echo "== $name: $(ls "$images" | wc -l) images, $threads threads, batch $batch, $rounds rounds" >&2
   for round in $(seq "$rounds"); do

@@ -531,18 +531,17 @@ impl PartWriter {
 
 fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
     let dir = ModelDir::open(&cfg.model)?;
-    // The profile comes first: the stages recipe reads intermediate tensors, which the model must
-    // expose as outputs when it is loaded.
+    // The profile comes first: sketches read intermediate tensors (a stage, or pooled features
+    // the graph does not declare), which the model must expose as outputs when it is loaded.
     let profile = match &cfg.sketch {
         None => None,
         Some(_) => Some(load_profile(cfg, &dir)?),
     };
-    let own_outputs = |p: &SketchProfile| p.stages.iter().map(|s| s.output.clone()).collect::<Vec<_>>();
     let options = LoadOptions {
         kind: cfg.backend,
         intra_op_threads: cfg.intra_op_threads,
         onnxruntime_path: None,
-        extra_outputs: profile.as_ref().map(own_outputs).unwrap_or_default(),
+        extra_outputs: profile.as_ref().map(SketchProfile::outputs).unwrap_or_default(),
         instances: cfg.threads,
     };
     let model = ferry_backend::load(&dir.onnx, &options)?;
@@ -562,7 +561,10 @@ fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
         Some(name) => position(name)?,
         None => 0,
     };
-    let mut hidden: Vec<usize> = dir.output.features.as_deref().map(position).transpose()?.into_iter().collect();
+    // Features feed sketches, never the predictions. Without sketches an undeclared features
+    // tensor is simply not computed.
+    let mut hidden: Vec<usize> =
+        dir.output.features.iter().filter_map(|f| output_names.iter().position(|n| n == f)).collect();
     let sketch = match profile {
         None => None,
         Some(profile) => {
@@ -571,7 +573,9 @@ fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
             for name in profile.outputs() {
                 inputs.insert(name.clone(), position(&name)?);
             }
-            hidden.extend(own_outputs(&profile).iter().map(|n| inputs[n]));
+            hidden.extend(inputs.values().filter(|&&i| i != score_output));
+            hidden.sort_unstable();
+            hidden.dedup();
             Some(SketchWriter { profile, sketcher, inputs })
         }
     };

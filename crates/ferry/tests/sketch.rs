@@ -399,3 +399,71 @@ fn the_stages_recipe_sketches_intermediate_objects_from_the_same_pass() {
     assert_eq!(stats["records"], 100);
     assert!(stats["count"].as_f64().unwrap() >= 1.0, "{stats}");
 }
+
+/// A model exported without a features output: `ferry.toml` names the pooled tensor inside the
+/// graph, which ferry exposes for sketching and otherwise leaves alone. The example model computes
+/// its declared `features` output as an `Identity` of `/Flatten_output_0`, so both ways must give
+/// the same profile, predictions and sketches.
+#[test]
+fn features_the_graph_does_not_declare_are_read_from_inside_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    make_variants(&images, 5);
+    let stock = mobilenet();
+    let inner = tmp.path().join("model");
+    std::fs::create_dir(&inner).unwrap();
+    for f in ["model.onnx", "labels.txt"] {
+        std::fs::copy(stock.join(f), inner.join(f)).unwrap();
+    }
+    let toml = std::fs::read_to_string(stock.join("ferry.toml")).unwrap();
+    assert!(toml.contains("features = \"features\""));
+    std::fs::write(
+        inner.join("ferry.toml"),
+        toml.replace("features = \"features\"", "features = \"/Flatten_output_0\""),
+    )
+    .unwrap();
+
+    let (stock, inner) = (stock.to_str().unwrap(), inner.to_str().unwrap());
+    let fitted = |model: &str, name: &str| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        fit_classifier(model, &images, 20, &dir)
+    };
+    let (p_stock, p_inner) = (fitted(stock, "fit-stock"), fitted(inner, "fit-inner"));
+    let (mut a, mut b) = (json(&p_stock), json(&p_inner));
+    assert_eq!(
+        (a["features_output"].as_str(), b["features_output"].as_str()),
+        (Some("features"), Some("/Flatten_output_0"))
+    );
+    a["features_output"] = serde_json::Value::Null;
+    b["features_output"] = serde_json::Value::Null;
+    assert!(a == b, "the same features give the same profile");
+
+    // Without sketches the inner tensor is not an output at all; with them it stays out of the
+    // predictions. Either way the `.out`s are the stock model's, byte for byte.
+    let plain = tmp.path().join("plain");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    assert!(transform(&["--model", inner, "--input", &s(&images), "--output", &s(&plain), "--top-k", "1"])
+        .status
+        .success());
+    let run = |model: &str, profile: &Path, name: &str| {
+        let (out, set) = (tmp.path().join(format!("out-{name}")), tmp.path().join(format!("set-{name}")));
+        assert!(sketch_job(model, &images, &out, &set, profile, &[]).status.success());
+        (out, set)
+    };
+    let (out_stock, set_stock) = run(stock, &p_stock, "stock");
+    let (out_inner, set_inner) = run(inner, &p_inner, "inner");
+    let outs: Vec<String> = files(&out_stock).into_iter().filter(|f| f.ends_with(".out")).collect();
+    assert_eq!(outs.len(), 20);
+    for f in &outs {
+        let expected = std::fs::read(out_stock.join(f)).unwrap();
+        assert_eq!(std::fs::read(plain.join(f)).unwrap(), expected, "{f}");
+        assert_eq!(std::fs::read(out_inner.join(f)).unwrap(), expected, "{f}");
+    }
+    for key in ["chelsea/chelsea_001.jpg", "coffee/coffee_002.jpg", "rocket/rocket_004.jpg"] {
+        let decode = |set: &Path| sketch(&["decode", "--sketches", set.to_str().unwrap(), key]);
+        let got = decode(&set_inner);
+        assert!(got.contains("\"objects\""), "{got}");
+        assert_eq!(got, decode(&set_stock), "{key}");
+    }
+}

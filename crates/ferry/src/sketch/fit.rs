@@ -66,7 +66,7 @@ pub async fn run(cfg: FitConfig) -> Result<FitOutcome, String> {
         kind: cfg.backend,
         intra_op_threads: cfg.threads.max(1),
         onnxruntime_path: None,
-        extra_outputs: cfg.settings.stages.clone(),
+        extra_outputs: std::iter::once(&features_name).chain(&cfg.settings.stages).cloned().collect(),
         instances: 1,
     };
     let model = ferry_backend::load(&dir.onnx, &options).map_err(|e| e.to_string())?;
