@@ -26,7 +26,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -434,6 +434,8 @@ fn sketch_loop(writer: Arc<SketchWriter>, rx: crossbeam_channel::Receiver<Sketch
 const PARKED_BYTES: usize = 64 << 20;
 /// The longest an object's `.out` waits for its part, so that a slow job still shows progress.
 const PART_DELAY: Duration = Duration::from_secs(5);
+/// Objects a part must hold before it is written early because the job is nearly done.
+const EARLY_PART_OBJECTS: usize = 64;
 
 /// An object whose `.out` waits for the part file holding its sketches.
 struct Parked {
@@ -463,6 +465,8 @@ struct PartWriter {
     part_records: usize,
     events: async_channel::Sender<Event>,
     stats: Arc<Stats>,
+    /// Objects of the job neither finished nor parked, kept by the main loop.
+    open: Arc<AtomicUsize>,
     /// Part names start with the job's start time, so a rerun adds parts and never replaces one.
     run: String,
     seq: usize,
@@ -484,7 +488,12 @@ impl PartWriter {
                     bytes += p.body.len();
                     held.push(p);
                     deadline.get_or_insert_with(|| tokio::time::Instant::now() + PART_DELAY);
-                    if records < self.part_records && bytes < PARKED_BYTES {
+                    // Held `.out`s are written only after their part, so a part still filling at the
+                    // end of a job leaves its `.out`s to be written once the model has nothing left
+                    // to do. Writing it once it holds as many objects as are still open halves that
+                    // tail at each step, for a few more parts per job.
+                    let ending = held.len() >= EARLY_PART_OBJECTS && held.len() >= self.open.load(Ordering::Relaxed);
+                    if records < self.part_records && bytes < PARKED_BYTES && !ending {
                         continue;
                     }
                 }
@@ -897,6 +906,7 @@ async fn run_pipeline(
         (Some(w), Some(set)) => {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.as_millis());
+            let open = Arc::new(AtomicUsize::new(items.len()));
             let writer = PartWriter {
                 sketch: w.clone(),
                 sketches: set.store.clone(),
@@ -908,10 +918,11 @@ async fn run_pipeline(
                 part_records: cfg.sketch_part_records,
                 events: writer_tx.clone(),
                 stats: stats.clone(),
+                open: open.clone(),
                 run: format!("{run:013}"),
                 seq: 0,
             };
-            Some((tx, tokio::spawn(writer.run(rx))))
+            Some((tx, open, tokio::spawn(writer.run(rx))))
         }
         _ => None,
     };
@@ -925,7 +936,8 @@ async fn run_pipeline(
         if finished + writing == items.len() {
             sketch_tx = None;
         }
-        if let Some((tx, _)) = &parts {
+        if let Some((tx, open, _)) = &parts {
+            open.store(items.len() - finished - parked.len(), Ordering::Relaxed);
             if !parked.is_empty() && !flushed && finished + parked.len() == items.len() {
                 let _ = tx.send(PartMsg::Flush);
                 flushed = true;
@@ -994,7 +1006,7 @@ async fn run_pipeline(
                     out_limit.clone(),
                 );
                 let sketch_job = match (&sketch, &parts, &sketch_tx) {
-                    (Some(w), Some((tx, _)), Some(stage)) => {
+                    (Some(w), Some((tx, ..)), Some(stage)) => {
                         Some((w.clone(), tx.clone(), stage.clone(), items[id].relative.clone()))
                     }
                     _ => None,
@@ -1081,7 +1093,7 @@ async fn run_pipeline(
     }
     progress.finish();
     drop(sketch_tx);
-    if let Some((tx, writer)) = parts {
+    if let Some((tx, _, writer)) = parts {
         drop(tx);
         writer.await.expect("the sketch part writer panicked");
     }
