@@ -240,31 +240,68 @@ impl Default for LoadOptions {
 }
 
 /// The model file's bytes, with `extra` tensors appended to the graph's outputs.
+///
+/// Only the tensor names are decoded; the weights are skipped, not copied. The new outputs go
+/// on as a second, partial `ModelProto` after the file's bytes: protobuf parsers merge a
+/// repeated message field's occurrences, so the graph's `output` list gains the new entries and
+/// nothing else changes. Decoding and re-encoding the whole model copied its weights twice.
 fn model_bytes(path: &Path, extra: &[String]) -> Result<Vec<u8>> {
     use prost::Message;
     use tract_onnx::pb;
     let load = |reason: String| BackendError::Load { path: path.to_owned(), reason };
-    let bytes = std::fs::read(path).map_err(|e| load(e.to_string()))?;
+    let mut bytes = std::fs::read(path).map_err(|e| load(e.to_string()))?;
     if extra.is_empty() {
         return Ok(bytes);
     }
-    let mut model = pb::ModelProto::decode(bytes.as_slice()).map_err(|e| load(format!("not an ONNX model: {e}")))?;
-    let graph = model.graph.as_mut().ok_or_else(|| load("the model has no graph".into()))?;
+    let names = ModelNames::decode(bytes.as_slice()).map_err(|e| load(format!("not an ONNX model: {e}")))?;
+    let graph = names.graph.ok_or_else(|| load("the model has no graph".into()))?;
+    let mut added = Vec::new();
     for name in extra {
-        if graph.output.iter().any(|o| &o.name == name) {
+        if graph.output.iter().any(|o| &o.name == name) || added.iter().any(|v: &pb::ValueInfoProto| &v.name == name) {
             continue;
         }
         if !graph.node.iter().any(|n| n.output.iter().any(|o| o == name)) {
             return Err(BackendError::Unsupported(format!("the model has no tensor named {name:?} to expose")));
         }
         let float = pb::type_proto::Value::TensorType(pb::type_proto::Tensor { elem_type: 1, shape: None });
-        graph.output.push(pb::ValueInfoProto {
+        added.push(pb::ValueInfoProto {
             name: name.clone(),
             r#type: Some(pb::TypeProto { value: Some(float), denotation: String::new() }),
             doc_string: String::new(),
         });
     }
-    Ok(model.encode_to_vec())
+    if !added.is_empty() {
+        let graph = pb::GraphProto { output: added, ..Default::default() };
+        pb::ModelProto { graph: Some(graph), ..Default::default() }.encode(&mut bytes).expect("a Vec grows");
+    }
+    Ok(bytes)
+}
+
+/// The fields of an ONNX `ModelProto` that name its tensors (same tags); decoding skips the rest.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ModelNames {
+    #[prost(message, optional, tag = "7")]
+    graph: Option<GraphNames>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct GraphNames {
+    #[prost(message, repeated, tag = "1")]
+    node: Vec<NodeNames>,
+    #[prost(message, repeated, tag = "12")]
+    output: Vec<ValueName>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct NodeNames {
+    #[prost(string, repeated, tag = "2")]
+    output: Vec<String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ValueName {
+    #[prost(string, tag = "1")]
+    name: String,
 }
 
 /// One instance of a loaded model, owned by one thread.

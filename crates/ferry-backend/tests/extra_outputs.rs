@@ -11,7 +11,9 @@ fn mobilenet() -> PathBuf {
 const STAGE: &str = "/features/features.13/Add_output_0";
 
 fn run(kind: BackendKind) -> Vec<Output> {
-    let options = LoadOptions { kind, extra_outputs: vec![STAGE.to_string()], ..Default::default() };
+    // A declared output and a repeated name add nothing.
+    let extra = ["features", STAGE, STAGE].map(String::from).to_vec();
+    let options = LoadOptions { kind, extra_outputs: extra, ..Default::default() };
     let model = load(&mobilenet(), &options).unwrap();
     let names: Vec<&str> = model.info().outputs.iter().map(|o| o.name.as_str()).collect();
     assert_eq!(names, ["logits", "features", STAGE], "{kind:?}");
