@@ -181,7 +181,8 @@ fn sketches_answer_similarity_and_counts_without_the_model() {
     assert!(hits.iter().all(|(k, _)| source(k) == "coffee"), "{hits:?}");
 
     // Parquet as other tools read it: pyarrow (pandas' Parquet engine) reads the set folder as one
-    // table (it skips `_ferry/`), with the columns, one row per image and full-length vectors.
+    // table (it skips `_ferry/`), with the columns, one row per image and full-length vectors. The
+    // last part is written early, so it holds less than half of the job.
     let script = "import pyarrow.parquet as pq, sys\n\
          t = pq.read_table(sys.argv[1])\n\
          assert t.column_names == ['key', 'record', 'sketch', 'seed', 'd'], t.column_names\n\
@@ -195,6 +196,8 @@ fn sketches_answer_similarity_and_counts_without_the_model() {
          ml = meta['module_list']\n\
          p = json.load(open(sys.argv[3]))\n\
          assert ml == [['image', p['image_dim'], 2]] + [[n, p['class_dim'], 0] for n in p['modules'][1:]], ml[:2]\n\
+         rows = [pq.read_metadata(f).num_rows for f in sorted(glob.glob(sys.argv[1] + '/part-*.parquet'))]\n\
+         assert len(rows) >= 2 and 2 * rows[-1] < len(keys), rows\n\
          print('ok')";
     let py = Command::new("python3")
         .args(["-c", script, set.to_str().unwrap(), &(4 * PER_SOURCE).to_string(), profile.to_str().unwrap()])
