@@ -13,7 +13,7 @@
 //! the cohesion threshold.
 
 use crate::decode::DecodeOptions;
-use crate::learn::{nearest, spherical_kmeans};
+use crate::learn::{nearest_each, spherical_kmeans};
 use crate::sketch::Sketch;
 use crate::sketcher::Sketcher;
 use crate::{vector, Result};
@@ -106,7 +106,7 @@ impl Sketcher {
                 }
             }
         }
-        let group: Vec<usize> = units.iter().map(|u| find(&mut root, nearest(&centroids, u))).collect();
+        let group: Vec<usize> = nearest_each(&centroids, &units).into_iter().map(|c| find(&mut root, c)).collect();
         let mut groups: Vec<(Vec<usize>, Vec<f32>)> = vec![(Vec::new(), vec![0.0; self.dim()]); centroids.len()];
         for ((&g, u), &i) in group.iter().zip(&units).zip(&index) {
             groups[g].0.push(i);

@@ -250,8 +250,7 @@ pub fn spherical_kmeans(samples: &[Vec<f32>], k: usize, iterations: usize, seed:
     }
     for _ in 0..iterations {
         let mut sums = vec![vec![0.0f64; p]; centroids.len()];
-        for u in &unit {
-            let best = nearest(&centroids, u);
+        for (u, best) in unit.iter().zip(nearest_each(&centroids, &unit)) {
             sums[best].iter_mut().zip(u).for_each(|(s, v)| *s += *v as f64);
         }
         for (c, s) in centroids.iter_mut().zip(&sums) {

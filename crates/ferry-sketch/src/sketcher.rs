@@ -340,16 +340,11 @@ const CHOLESKY_ROWS_PER_COLUMN: usize = 8;
 /// taken in an order fixed here, without fused multiply-adds, so the bits do not depend on the
 /// CPU. Returns false, leaving `a` as it was, where `AᵀA` is not positive definite in f64.
 fn orthonormalise(a: &mut [f64], d: usize, n: usize) -> bool {
-    let gram = vector::gram(a, d, n);
-    // Row `i` of the packed upper triangle starts at `i (2n − i + 1) / 2`.
-    let at = |i: usize, j: usize| i * (2 * n - i + 1) / 2 + (j - i);
-    let Some(chol) = DMatrix::from_fn(n, n, |i, j| gram[at(i.min(j), i.max(j))]).cholesky() else {
+    let Some(chol) = DMatrix::from_vec(n, n, vector::gram(a, d, n)).cholesky() else {
         return false;
     };
-    // `AᵀA = L Lᵀ`, so `R = Lᵀ`.
-    let l = chol.l();
-    let r: Vec<f64> = (0..n * n).map(|p| l[(p % n, p / n)]).collect();
-    vector::solve_upper(a, d, n, &r);
+    // `AᵀA = L Lᵀ`, so `R = Lᵀ`, whose rows are `L`'s columns: the column-major storage of `L`.
+    vector::solve_upper(a, d, n, chol.l().as_slice());
     true
 }
 

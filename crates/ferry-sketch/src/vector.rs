@@ -255,10 +255,9 @@ const F64_ROWS: usize = 128;
 /// Independent accumulators per sum: four 4-lane additions in flight hide their latency.
 const F64_LANES: usize = 16;
 
-/// The upper triangle of `AᵀA`, row by row (`n (n+1) / 2` entries), for `A` column-major
-/// `d × n`. Rows are taken a block at a time, so every column pair reads its block from L1,
-/// and each entry sums its products into 16 lanes by row index, then adds the lanes in a
-/// fixed order: the same bits on every CPU.
+/// `AᵀA` (`n × n`, symmetric) for `A` column-major `d × n`. Rows are taken a block at a time,
+/// so every column pair reads its block from L1, and each entry sums its products into 16 lanes
+/// by row index, then adds the lanes in a fixed order: the same bits on every CPU.
 #[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 pub(crate) fn gram(a: &[f64], d: usize, n: usize) -> Vec<f64> {
     assert_eq!(a.len(), d * n, "a d × n matrix");
@@ -286,7 +285,16 @@ pub(crate) fn gram(a: &[f64], d: usize, n: usize) -> Vec<f64> {
             }
         }
     }
-    acc.iter().map(|l| l.chunks_exact(4).map(|q| (q[0] + q[1]) + (q[2] + q[3])).fold(0.0, |s, q| s + q)).collect()
+    let sum = |l: &[f64; F64_LANES]| l.chunks_exact(4).map(|q| (q[0] + q[1]) + (q[2] + q[3])).fold(0.0, |s, q| s + q);
+    let mut out = vec![0.0; n * n];
+    let mut p = 0;
+    for i in 0..n {
+        for j in i..n {
+            (out[i * n + j], out[j * n + i]) = (sum(&acc[p]), sum(&acc[p]));
+            p += 1;
+        }
+    }
+    out
 }
 
 /// The rows of a block that do not fill a whole set of lanes, each into the lane of its row.

@@ -181,12 +181,8 @@ pub fn peaks(shape: &[usize], values: &[f32], n: usize) -> Result<Vec<Peak>, Str
 }
 
 impl StageProfile {
-    /// The attribute vector before normalisation.
-    fn raw_attr(&self, p: &Peak) -> Vec<f32> {
-        self.raw_attrs(std::slice::from_ref(p)).remove(0)
-    }
-
-    /// [`StageProfile::raw_attr`] of each peak, reading the PCA components once for all.
+    /// The attribute vector of each peak before normalisation, reading the PCA components once
+    /// for all.
     fn raw_attrs(&self, peaks: &[Peak]) -> Vec<Vec<f32>> {
         let vectors: Vec<&[f32]> = peaks.iter().map(|p| p.vector.as_slice()).collect();
         let z = project_each(&self.pca_mean, &self.pca_components, &self.pca_variances, &vectors, true);
@@ -506,7 +502,7 @@ pub fn fit_stage(
         activation_norm: p99(found.iter().map(|p| (1.0 + p.activation).ln()).collect()),
         attr_norm: 1.0,
     };
-    stage.attr_norm = p99(found.iter().map(|p| stage.raw_attr(p).iter().map(|v| v * v).sum::<f32>().sqrt()).collect());
+    stage.attr_norm = p99(stage.raw_attrs(found).iter().map(|a| a.iter().map(|v| v * v).sum::<f32>().sqrt()).collect());
     Ok(stage)
 }
 
