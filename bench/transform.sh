@@ -18,7 +18,7 @@ count=${1:-1000}
 resnet_count=${2:-300}
 work=${FERRY_BENCH_DIR:-/tmp/ferry-bench}
 threads=$(nproc)
-batch=${BATCH:-8}
+batch=${BATCH:-2}
 rounds=${ROUNDS:-3}
 # shellcheck source=bench/common.sh
 . bench/common.sh

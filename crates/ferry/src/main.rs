@@ -90,7 +90,7 @@ struct FitArgs {
     #[arg(long, default_value = "auto")]
     backend: BackendKind,
     /// Records per model call.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = transform::DEFAULT_MAX_BATCH_SIZE)]
     max_batch_size: usize,
 }
 
@@ -160,7 +160,7 @@ struct ModelBenchArgs {
     #[arg(long)]
     model: PathBuf,
     /// Records per model call.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = transform::DEFAULT_MAX_BATCH_SIZE)]
     max_batch_size: usize,
     /// Model threads [default: CPU cores].
     #[arg(long)]
@@ -198,7 +198,7 @@ struct TransformArgs {
     #[arg(long, env = "FERRY_TOP_K")]
     top_k: Option<usize>,
     /// Most records per model call.
-    #[arg(long, env = "FERRY_MAX_BATCH_SIZE", default_value_t = 8)]
+    #[arg(long, env = "FERRY_MAX_BATCH_SIZE", default_value_t = transform::DEFAULT_MAX_BATCH_SIZE)]
     max_batch_size: usize,
     /// How long a model thread waits for more records to fill a batch, in milliseconds.
     #[arg(long, env = "FERRY_BATCH_WAIT_MS", default_value_t = 5)]
