@@ -39,6 +39,29 @@ fn the_example_photos_are_classified_correctly() {
     assert!(report["runtime"].as_str().unwrap().contains("onnxruntime"));
 }
 
+/// Without `--max-batch-size`, a model call takes at most 2 records (see `DEFAULT_MAX_BATCH_SIZE`):
+/// one model thread that may wait two seconds to fill a batch runs the four photos in two calls.
+#[test]
+fn batches_default_to_two_records() {
+    let out = tempfile::tempdir().unwrap();
+    let o = transform(&[
+        "--model",
+        mobilenet().to_str().unwrap(),
+        "--input",
+        examples().to_str().unwrap(),
+        "--output",
+        out.path().to_str().unwrap(),
+        "--threads",
+        "1",
+        "--batch-wait-ms",
+        "2000",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report = json(&out.path().join("_ferry/report.json"));
+    assert_eq!(report["records"], 4, "{report}");
+    assert_eq!(report["batches"], 2, "{report}");
+}
+
 /// Full probability vectors, keyed by input file name.
 fn probabilities(backend: &str, extra: &[&str]) -> std::collections::BTreeMap<String, Vec<f64>> {
     let out = tempfile::tempdir().unwrap();
