@@ -290,7 +290,8 @@ pub(crate) fn gram(a: &[f64], d: usize, n: usize) -> Vec<f64> {
     let mut p = 0;
     for i in 0..n {
         for j in i..n {
-            (out[i * n + j], out[j * n + i]) = (sum(&acc[p]), sum(&acc[p]));
+            let s = sum(&acc[p]);
+            (out[i * n + j], out[j * n + i]) = (s, s);
             p += 1;
         }
     }

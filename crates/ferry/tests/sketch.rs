@@ -53,6 +53,14 @@ fn fit_classifier(model: &str, images: &Path, limit: usize, dir: &Path) -> std::
     profile
 }
 
+/// A fresh folder holding `images/`, `per_source` variants of each example photo.
+fn photo_variants(per_source: usize) -> (tempfile::TempDir, std::path::PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    make_variants(&images, per_source);
+    (tmp, images)
+}
+
 fn source(key: &str) -> &str {
     key.split('/').next().unwrap()
 }
@@ -73,9 +81,7 @@ fn count(set: &Path, module: &str) -> f64 {
 
 #[test]
 fn sketches_answer_similarity_and_counts_without_the_model() {
-    let tmp = tempfile::tempdir().unwrap();
-    let images = tmp.path().join("images");
-    make_variants(&images, PER_SOURCE);
+    let (tmp, images) = photo_variants(PER_SOURCE);
     let model = mobilenet();
     let model = model.to_str().unwrap();
     // Calibrate on a subset, as a user would on a sample of their data.
@@ -226,9 +232,7 @@ fn sketches_answer_similarity_and_counts_without_the_model() {
 
 #[test]
 fn a_killed_sketch_job_resumes_with_every_finished_object_sketched() {
-    let tmp = tempfile::tempdir().unwrap();
-    let images = tmp.path().join("images");
-    make_variants(&images, 40);
+    let (tmp, images) = photo_variants(40);
     let model = mobilenet();
     let model = model.to_str().unwrap();
     let profile = fit_classifier(model, &images, 60, tmp.path());
@@ -343,9 +347,7 @@ const STAGES: [&str; 3] = [
 
 #[test]
 fn the_stages_recipe_sketches_intermediate_objects_from_the_same_pass() {
-    let tmp = tempfile::tempdir().unwrap();
-    let images = tmp.path().join("images");
-    make_variants(&images, 25);
+    let (tmp, images) = photo_variants(25);
     let profile = tmp.path().join("stages.json");
     let model = mobilenet();
     let model = model.to_str().unwrap();
@@ -409,9 +411,7 @@ fn the_stages_recipe_sketches_intermediate_objects_from_the_same_pass() {
 /// the same profile, predictions and sketches.
 #[test]
 fn features_the_graph_does_not_declare_are_read_from_inside_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let images = tmp.path().join("images");
-    make_variants(&images, 5);
+    let (tmp, images) = photo_variants(5);
     let stock = mobilenet();
     let inner = tmp.path().join("model");
     std::fs::create_dir(&inner).unwrap();
