@@ -6,21 +6,19 @@ use std::process::Command;
 
 use common::*;
 
+/// The example model over the example photos into `out`, with `extra` arguments.
+fn example_job(out: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let (model, input) = (mobilenet(), examples());
+    let mut args = vec!["--model", model.to_str().unwrap(), "--input", input.to_str().unwrap()];
+    args.extend(["--output", out.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    transform(&args)
+}
+
 #[test]
 fn the_example_photos_are_classified_correctly() {
     let out = tempfile::tempdir().unwrap();
-    let o = transform(&[
-        "--model",
-        mobilenet().to_str().unwrap(),
-        "--input",
-        examples().to_str().unwrap(),
-        "--output",
-        out.path().to_str().unwrap(),
-        "--top-k",
-        "5",
-        "--backend",
-        "ort",
-    ]);
+    let o = example_job(out.path(), &["--top-k", "5", "--backend", "ort"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
         files(out.path()),
@@ -44,18 +42,7 @@ fn the_example_photos_are_classified_correctly() {
 #[test]
 fn batches_default_to_two_records() {
     let out = tempfile::tempdir().unwrap();
-    let o = transform(&[
-        "--model",
-        mobilenet().to_str().unwrap(),
-        "--input",
-        examples().to_str().unwrap(),
-        "--output",
-        out.path().to_str().unwrap(),
-        "--threads",
-        "1",
-        "--batch-wait-ms",
-        "2000",
-    ]);
+    let o = example_job(out.path(), &["--threads", "1", "--batch-wait-ms", "2000"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let report = json(&out.path().join("_ferry/report.json"));
     assert_eq!(report["records"], 4, "{report}");
