@@ -5,8 +5,10 @@
 //! back into source coordinates, so the resize reads only the pixels that survive; and a JPEG
 //! that is at least twice the size needed is decoded at 1/2, 1/4 or 1/8 scale straight from its
 //! DCT coefficients (libjpeg-turbo), which skips most of the inverse DCT and colour conversion.
-//! Normalisation is a table lookup per channel. Everything that allocates lives in an
-//! [`ImageDecoder`], one per worker thread, and is reused across images.
+//! Normalisation is a table lookup per channel, and a separate step ([`ImagePlan::normalise`]):
+//! a job's decode threads hand on 8-bit pixels, a quarter of the bytes of the float tensor, and
+//! the model thread normalises them straight into its batch. Everything that allocates lives in
+//! an [`ImageDecoder`], one per worker thread, and is reused across images.
 //!
 //! Format is decided by the bytes, not the name: a `.jpg` that is really a PNG still decodes, and
 //! anything else fails with what it starts with.
@@ -160,6 +162,41 @@ impl ImagePlan {
         self.out.0 as usize * self.out.1 as usize * 3
     }
 
+    /// Bytes of the 8-bit RGB pixels [`ImageDecoder::decode_pixels`] writes.
+    pub fn pixels_len(&self) -> usize {
+        self.out.0 as usize * self.out.1 as usize * 3
+    }
+
+    /// The model's input for one image: `pixels` ([`ImagePlan::pixels_len`] bytes, RGB)
+    /// normalised into `out` ([`ImagePlan::item_len`] floats) in the model's channel order and
+    /// layout.
+    pub fn normalise(&self, pixels: &[u8], out: &mut [f32]) {
+        assert_eq!(pixels.len(), self.pixels_len(), "pixels of the planned size");
+        assert_eq!(out.len(), pixels.len(), "one float per byte");
+        let order = match self.channels {
+            Channels::Rgb => [0, 1, 2],
+            Channels::Bgr => [2, 1, 0],
+        };
+        let plane = pixels.len() / 3;
+        match self.layout {
+            Layout::Nchw => {
+                for (out, c) in out.chunks_exact_mut(plane).zip(order) {
+                    let lut = &self.lut[c];
+                    for (o, p) in out.iter_mut().zip(pixels.chunks_exact(3)) {
+                        *o = lut[p[c] as usize];
+                    }
+                }
+            }
+            Layout::Nhwc => {
+                for (o, p) in out.chunks_exact_mut(3).zip(pixels.chunks_exact(3)) {
+                    for (o, c) in o.iter_mut().zip(order) {
+                        *o = self.lut[c][p[c] as usize];
+                    }
+                }
+            }
+        }
+    }
+
     fn geometry(&self, w: u32, h: u32) -> Geometry {
         let resized = match self.resize {
             // torchvision's Resize(int): the long side is truncated, not rounded.
@@ -236,6 +273,8 @@ pub struct ImageDecoder {
     jpeg: Decompressor,
     resizer: Resizer,
     rgb: Vec<u8>,
+    /// Resized pixels, for [`ImageDecoder::decode`].
+    pixels: Vec<u8>,
 }
 
 impl std::fmt::Debug for ImageDecoder {
@@ -248,11 +287,31 @@ impl ImageDecoder {
     /// A decoder for `plan`.
     pub fn new(plan: ImagePlan) -> Self {
         // A progressive JPEG with thousands of tiny scans is a CPU bomb; real encoders write ~10.
-        Self { plan, jpeg: Decompressor::new(MAX_JPEG_SCANS), resizer: Resizer::new(), rgb: Vec::new() }
+        Self {
+            plan,
+            jpeg: Decompressor::new(MAX_JPEG_SCANS),
+            resizer: Resizer::new(),
+            rgb: Vec::new(),
+            pixels: Vec::new(),
+        }
     }
 
     /// Decodes `bytes` and writes the normalised tensor to `out` (cleared first).
     pub fn decode(&mut self, bytes: &[u8], out: &mut Vec<f32>) -> Result<(), ImageError> {
+        let mut pixels = std::mem::take(&mut self.pixels);
+        let result = self.decode_pixels(bytes, &mut pixels);
+        if result.is_ok() {
+            out.clear();
+            out.resize(self.plan.item_len(), 0.0);
+            self.plan.normalise(&pixels, out);
+        }
+        self.pixels = pixels;
+        result
+    }
+
+    /// Decodes `bytes` and writes the resized and cropped 8-bit RGB pixels to `out` (resized to
+    /// [`ImagePlan::pixels_len`]), for [`ImagePlan::normalise`] to make a tensor of.
+    pub fn decode_pixels(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), ImageError> {
         let pixels = match bytes {
             [] => return Err(ImageError::Empty),
             [0xFF, 0xD8, 0xFF, ..] => self.decode_jpeg(bytes)?,
@@ -262,7 +321,7 @@ impl ImageDecoder {
                 return Err(ImageError::UnknownFormat(format!("bytes {}", head.join(" "))));
             }
         };
-        self.finish(pixels, out);
+        self.resize(pixels, out);
         Ok(())
     }
 
@@ -306,44 +365,21 @@ impl ImageDecoder {
         Ok(Pixels { full: (w, h), region: (0, 0, w, h) })
     }
 
-    fn finish(&mut self, pixels: Pixels, out: &mut Vec<f32>) {
+    fn resize(&mut self, pixels: Pixels, out: &mut Vec<u8>) {
         let plan = &self.plan;
         let g = plan.geometry(pixels.full.0 as u32, pixels.full.1 as u32);
         let (x0, y0, w, h) = pixels.region;
         let src =
             ImageRef::new(w as u32, h as u32, &self.rgb, PixelType::U8x3).expect("decoded buffer matches its size");
-        let mut dst = Image::new(plan.out.0, plan.out.1, PixelType::U8x3);
+        out.resize(plan.pixels_len(), 0);
+        let mut dst = Image::from_slice_u8(plan.out.0, plan.out.1, out, PixelType::U8x3)
+            .expect("the output buffer holds the output size");
         let (left, top, bw, bh) = g.src_box;
         let options = ResizeOptions::new()
             .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
             .crop(left - x0 as f64, top - y0 as f64, bw, bh)
             .use_alpha(false);
         self.resizer.resize(&src, &mut dst, &options).expect("source and destination are both RGB8");
-        normalise(plan, dst.buffer(), out);
-    }
-}
-
-fn normalise(plan: &ImagePlan, pixels: &[u8], out: &mut Vec<f32>) {
-    let order = match plan.channels {
-        Channels::Rgb => [0, 1, 2],
-        Channels::Bgr => [2, 1, 0],
-    };
-    out.clear();
-    out.reserve(pixels.len());
-    match plan.layout {
-        Layout::Nchw => {
-            for c in order {
-                let lut = &plan.lut[c];
-                out.extend(pixels.chunks_exact(3).map(|p| lut[p[c] as usize]));
-            }
-        }
-        Layout::Nhwc => {
-            for p in pixels.chunks_exact(3) {
-                for c in order {
-                    out.push(plan.lut[c][p[c] as usize]);
-                }
-            }
-        }
     }
 }
 

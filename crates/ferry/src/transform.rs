@@ -294,7 +294,8 @@ struct DecodeJob {
 struct Decoded {
     id: usize,
     index: usize,
-    tensor: Vec<f32>,
+    /// 8-bit pixels, normalised by the model thread into its batch.
+    pixels: Vec<u8>,
 }
 
 enum Event {
@@ -825,7 +826,7 @@ async fn run_pipeline(
     let (decode_tx, decode_rx) = async_channel::bounded::<DecodeJob>(cfg.decode_threads * 4);
     let (infer_tx, infer_rx) = crossbeam_channel::bounded::<Decoded>(cfg.threads * cfg.max_batch_size * 2);
     let (event_tx, event_rx) = async_channel::unbounded::<Event>();
-    let (pool_tx, pool_rx) = crossbeam_channel::bounded::<Vec<f32>>(cfg.threads * cfg.max_batch_size * 2);
+    let (pool_tx, pool_rx) = crossbeam_channel::bounded::<Vec<u8>>(cfg.threads * cfg.max_batch_size * 2);
 
     let mut threads = Vec::new();
     for i in 0..cfg.decode_threads {
@@ -845,6 +846,7 @@ async fn run_pipeline(
             events: event_tx.clone(),
             stats: stats.clone(),
             item_shape: item_shape.clone(),
+            plan: plan.clone(),
             max_batch: cfg.max_batch_size,
             wait: cfg.batch_wait,
             pool: pool_tx.clone(),
@@ -1165,17 +1167,18 @@ fn decode_loop(
     tx: crossbeam_channel::Sender<Decoded>,
     events: async_channel::Sender<Event>,
     stats: Arc<Stats>,
-    pool: crossbeam_channel::Receiver<Vec<f32>>,
+    pool: crossbeam_channel::Receiver<Vec<u8>>,
 ) {
     let mut decoder = ImageDecoder::new(plan.clone());
     while let Ok(job) = rx.recv_blocking() {
         let t = Instant::now();
-        let mut tensor = pool.try_recv().unwrap_or_else(|_| Vec::with_capacity(plan.item_len()));
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decoder.decode(&job.bytes, &mut tensor)));
+        let mut pixels = pool.try_recv().unwrap_or_else(|_| Vec::with_capacity(plan.pixels_len()));
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decoder.decode_pixels(&job.bytes, &mut pixels)));
         Stats::add(&stats.decode_ns, t);
         let error = match result {
             Ok(Ok(())) => {
-                if tx.send(Decoded { id: job.id, index: job.index, tensor }).is_err() {
+                if tx.send(Decoded { id: job.id, index: job.index, pixels }).is_err() {
                     return;
                 }
                 continue;
@@ -1196,13 +1199,14 @@ struct ModelThread {
     events: async_channel::Sender<Event>,
     stats: Arc<Stats>,
     item_shape: Vec<usize>,
+    plan: ImagePlan,
     max_batch: usize,
     wait: Duration,
-    pool: crossbeam_channel::Sender<Vec<f32>>,
+    pool: crossbeam_channel::Sender<Vec<u8>>,
 }
 
 fn infer_loop(mut backend: Box<dyn Backend>, t: ModelThread) {
-    let ModelThread { rx, events, stats, item_shape, max_batch, wait, pool } = t;
+    let ModelThread { rx, events, stats, item_shape, plan, max_batch, wait, pool } = t;
     let mut input = Tensor { shape: Vec::new(), data: Vec::new() };
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -1214,12 +1218,13 @@ fn infer_loop(mut backend: Box<dyn Backend>, t: ModelThread) {
             }
         }
         let n = batch.len();
-        input.data.clear();
-        for d in &mut batch {
-            input.data.extend_from_slice(&d.tensor);
-            // Decoded buffers go back to the decoders: each is a few hundred KiB, and fresh ones
-            // cost page faults.
-            let _ = pool.try_send(std::mem::take(&mut d.tensor));
+        // Every float is written below, so the buffer is only resized, never cleared.
+        let len = plan.item_len();
+        input.data.resize(n * len, 0.0);
+        for (d, item) in batch.iter_mut().zip(input.data.chunks_exact_mut(len)) {
+            plan.normalise(&d.pixels, item);
+            // Pixel buffers go back to the decoders: fresh ones cost page faults.
+            let _ = pool.try_send(std::mem::take(&mut d.pixels));
         }
         input.shape.clear();
         input.shape.push(n);
