@@ -357,7 +357,7 @@ pub fn project_each<X: AsRef<[f32]>>(
     whiten: bool,
 ) -> Vec<Vec<f32>> {
     let centred: Vec<Vec<f32>> = xs.iter().map(|x| x.as_ref().iter().zip(mean).map(|(x, m)| x - m).collect()).collect();
-    let mut out = vec![Vec::with_capacity(components.len()); xs.len()];
+    let mut out: Vec<Vec<f32>> = xs.iter().map(|_| Vec::with_capacity(components.len())).collect();
     for (c, &var) in components.iter().zip(variances) {
         for (z, x) in out.iter_mut().zip(&centred) {
             let v = vector::dot(c, x);

@@ -162,7 +162,8 @@ pub fn peaks(shape: &[usize], values: &[f32], n: usize) -> Result<Vec<Peak>, Str
     kept.truncate(n);
     // Channel by channel for all peaks at once: a channel's plane is read once, where a peak at
     // a time would touch a cache line per channel for each peak.
-    let mut vectors = vec![Vec::with_capacity(c); kept.len()];
+    // One allocation each: `vec![v; n]` would clone `v` without its capacity.
+    let mut vectors: Vec<Vec<f32>> = kept.iter().map(|_| Vec::with_capacity(c)).collect();
     for plane in values.chunks_exact(h * w) {
         for (v, &i) in vectors.iter_mut().zip(&kept) {
             v.push(plane[i]);
