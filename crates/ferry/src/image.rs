@@ -157,9 +157,9 @@ impl ImagePlan {
         }
     }
 
-    /// Number of `f32` values in one image's tensor.
+    /// Number of `f32` values in one image's tensor: one per byte of its pixels.
     pub fn item_len(&self) -> usize {
-        self.out.0 as usize * self.out.1 as usize * 3
+        self.pixels_len()
     }
 
     /// Bytes of the 8-bit RGB pixels [`ImageDecoder::decode_pixels`] writes.
@@ -296,12 +296,12 @@ impl ImageDecoder {
         }
     }
 
-    /// Decodes `bytes` and writes the normalised tensor to `out` (cleared first).
+    /// Decodes `bytes` and writes the normalised tensor to `out`, replacing what it held.
     pub fn decode(&mut self, bytes: &[u8], out: &mut Vec<f32>) -> Result<(), ImageError> {
         let mut pixels = std::mem::take(&mut self.pixels);
         let result = self.decode_pixels(bytes, &mut pixels);
         if result.is_ok() {
-            out.clear();
+            // `normalise` writes every float, so the old values need no clearing.
             out.resize(self.plan.item_len(), 0.0);
             self.plan.normalise(&pixels, out);
         }
