@@ -4,15 +4,24 @@
 //! same for a folder and a bucket, and tests can use object_store's in-memory store. S3 settings
 //! come from the standard `AWS_*` variables; a plain-`http://` endpoint (a local S3-compatible
 //! server) is allowed when `AWS_ENDPOINT_URL` names one.
+//!
+//! Writes are the one place a folder differs. An S3 object appears whole or not at all; a file
+//! exists while it is written. object_store stages local writes in `<name>#<n>`, which it hides
+//! from its own listings but which other readers (pyarrow, Spark, a shell glob) take for data,
+//! and which a killed job leaves behind for good. So a folder is written through a hidden
+//! `.<name>.ferry-partial` beside the target, renamed over it when complete: other tools skip
+//! dot-files, and a rerun that redoes the object overwrites and renames the same file.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use object_store::aws::AmazonS3Builder;
+use object_store::buffered::BufWriter;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, RetryConfig};
+use tokio::io::AsyncWriteExt;
 
 /// Errors opening a location or mapping keys.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +59,16 @@ pub struct Location {
     pub prefix: Path,
     /// The location as the user wrote it.
     pub url: String,
+    /// The same store when it is a local folder, for writes that go through a hidden file.
+    pub local: Option<Arc<LocalFileSystem>>,
+}
+
+/// The suffix of the hidden file a local write goes through.
+pub const PARTIAL_SUFFIX: &str = ".ferry-partial";
+
+/// Whether `name` is the hidden file of an unfinished local write.
+pub fn is_partial(name: &str) -> bool {
+    name.starts_with('.') && name.ends_with(PARTIAL_SUFFIX)
 }
 
 /// The whole of one object.
@@ -70,7 +89,7 @@ impl Location {
                 builder = builder.with_allow_http(true);
             }
             let store = builder.build().map_err(|source| StoreError::Config { url: url.to_string(), source })?;
-            return Ok(Self { store: Arc::new(store), prefix: Path::from(prefix), url: url.to_string() });
+            return Ok(Self { store: Arc::new(store), prefix: Path::from(prefix), url: url.to_string(), local: None });
         }
         if url.contains("://") && !url.starts_with("file://") {
             return Err(StoreError::Unsupported(url.to_string()));
@@ -81,9 +100,35 @@ impl Location {
         } else if !dir.is_dir() {
             return Err(StoreError::NoSuchFolder(dir));
         }
-        let store = LocalFileSystem::new_with_prefix(&dir)
-            .map_err(|source| StoreError::Config { url: url.to_string(), source })?;
-        Ok(Self { store: Arc::new(store), prefix: Path::default(), url: url.to_string() })
+        let store = Arc::new(
+            LocalFileSystem::new_with_prefix(&dir)
+                .map_err(|source| StoreError::Config { url: url.to_string(), source })?,
+        );
+        Ok(Self { store: store.clone(), prefix: Path::default(), url: url.to_string(), local: Some(store) })
+    }
+
+    /// Writes `body` to `key` so that no reader sees part of it, whatever stops the writer: a
+    /// folder through a hidden file renamed into place, a store with a single upload, or a
+    /// multipart one of `part_size` parts when the body is larger.
+    pub async fn write(&self, key: &Path, body: Vec<u8>, part_size: usize) -> Result<(), String> {
+        if let Some(local) = &self.local {
+            let target = local.path_to_filesystem(key).map_err(|e| e.to_string())?;
+            return tokio::task::spawn_blocking(move || write_file(&target, &body))
+                .await
+                .map_err(|e| format!("the write panicked: {e}"))?
+                .map_err(|e| format!("write failed: {e}"));
+        }
+        if body.len() <= part_size {
+            return self.store.put(key, body.into()).await.map(|_| ()).map_err(|e| format!("write failed: {e}"));
+        }
+        let mut writer = BufWriter::with_capacity(self.store.clone(), key.clone(), part_size);
+        match writer.write_all(&body).await {
+            Ok(()) => writer.shutdown().await.map_err(|e| format!("write failed: {e}")),
+            Err(e) => {
+                let _ = writer.abort().await;
+                Err(format!("write failed: {e}"))
+            }
+        }
     }
 
     /// Whether this is a local folder.
@@ -98,23 +143,47 @@ impl Location {
 
     /// This location's key for relative `parts` plus `suffix` on the last part.
     ///
-    /// Refuses parts that could climb out of the prefix on any store (`..`, `.`, empty, or with a
-    /// path separator), so an input key can never make ferry write outside its output.
+    /// Parts are taken as they are, as a listing gives them: `été #1.jpg` gives `été #1.jpg.out`,
+    /// not a percent-encoded name. Refuses parts that could climb out of the prefix on any store
+    /// (`..`, `.`, empty, or with a path separator), so an input key can never make ferry write
+    /// outside its output.
     pub fn child<S: AsRef<str>>(&self, parts: &[S], suffix: &str) -> Result<Path, String> {
-        let Some((last, dirs)) = parts.split_last() else {
+        if parts.is_empty() {
             return Err("empty key".into());
-        };
-        let mut key = self.prefix.clone();
-        for part in dirs.iter().chain(std::iter::once(last)).map(AsRef::as_ref) {
+        }
+        let mut key = self.prefix.as_ref().to_string();
+        for (i, part) in parts.iter().map(AsRef::as_ref).enumerate() {
             if part.is_empty() || part == "." || part == ".." || part.contains('/') || part.contains('\\') {
                 return Err(format!("key part {part:?} is not allowed in an output key"));
             }
+            if !key.is_empty() {
+                key.push('/');
+            }
+            key.push_str(part);
+            if i + 1 == parts.len() {
+                key.push_str(suffix);
+            }
         }
-        for part in dirs {
-            key = key.join(part.as_ref());
-        }
-        Ok(key.join(format!("{}{suffix}", last.as_ref())))
+        Path::parse(&key).map_err(|e| format!("{key:?} is not allowed as an output key: {e}"))
     }
+}
+
+fn write_file(target: &std::path::Path, body: &[u8]) -> std::io::Result<()> {
+    let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
+        return Err(std::io::Error::other(format!("{} is not a file path", target.display())));
+    };
+    let mut hidden = std::ffi::OsString::from(".");
+    hidden.push(name);
+    hidden.push(PARTIAL_SUFFIX);
+    let partial = dir.join(hidden);
+    if let Err(e) = std::fs::write(&partial, body) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            return Err(e);
+        }
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(&partial, body)?;
+    }
+    std::fs::rename(&partial, target)
 }
 
 #[cfg(test)]
@@ -126,6 +195,7 @@ mod tests {
             store: Arc::new(object_store::memory::InMemory::new()),
             prefix: Path::from(prefix),
             url: format!("mem://{prefix}"),
+            local: None,
         }
     }
 
@@ -152,5 +222,49 @@ mod tests {
         let err = Location::open("/nonexistent/ferry-input", false, 0).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/ferry-input"), "{err}");
         assert!(Location::open("gopher://x/y", false, 0).is_err());
+    }
+
+    fn files_under(dir: &std::path::Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .flat_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if e.path().is_dir() {
+                    files_under(&e.path()).into_iter().map(|n| format!("{name}/{n}")).collect()
+                } else {
+                    vec![name]
+                }
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn a_folder_write_leaves_only_the_finished_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = Location::open(tmp.path().to_str().unwrap(), true, 0).unwrap();
+        let key = out.child(&["a b", "c%d#1 été.jpg"], ".out").unwrap();
+        // What a job killed between writing and renaming leaves: the rerun replaces it.
+        std::fs::create_dir_all(tmp.path().join("a b")).unwrap();
+        std::fs::write(tmp.path().join("a b/.c%d#1 été.jpg.out.ferry-partial"), b"half").unwrap();
+        out.write(&key, b"whole".to_vec(), 5 << 20).await.unwrap();
+        assert_eq!(files_under(tmp.path()), ["a b/c%d#1 été.jpg.out"]);
+        assert_eq!(get_bytes(out.store.as_ref(), &key).await.unwrap().as_ref(), b"whole");
+        // A folder that does not exist yet is made.
+        let deep = out.child(&["x", "y", "z.jpg"], ".out").unwrap();
+        out.write(&deep, b"1".to_vec(), 5 << 20).await.unwrap();
+        assert_eq!(files_under(tmp.path()), ["a b/c%d#1 été.jpg.out", "x/y/z.jpg.out"]);
+        assert!(is_partial(".c%d#1.jpg.out.ferry-partial") && !is_partial("c.jpg.out") && !is_partial(".hidden.jpg"));
+    }
+
+    #[tokio::test]
+    async fn a_store_write_larger_than_a_part_is_uploaded_in_parts() {
+        let out = loc("out");
+        let key = Path::from("out/big.out");
+        let body: Vec<u8> = (0..(12u32 << 20)).map(|i| (i % 251) as u8).collect();
+        out.write(&key, body.clone(), 5 << 20).await.unwrap();
+        assert_eq!(get_bytes(out.store.as_ref(), &key).await.unwrap().as_ref(), &body[..]);
     }
 }

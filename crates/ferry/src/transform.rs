@@ -34,11 +34,9 @@ use bytes::Bytes;
 use ferry_backend::{Backend, BackendError, BackendKind, LoadOptions, Tensor};
 use ferry_sketch::{Dag, Sketch};
 use futures::{StreamExt, TryStreamExt};
-use object_store::buffered::BufWriter;
 use object_store::path::Path;
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
 use serde::Serialize;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::encode::{Encoder, RecordOutputs};
@@ -48,7 +46,7 @@ use crate::progress::{Progress, ProgressMode};
 use crate::sketch::profile::PROFILE_FILE;
 use crate::sketch::store::{claim, write_parquet, SketchRow};
 use crate::sketch::SketchProfile;
-use crate::store::{get_bytes, Location, StoreError};
+use crate::store::{get_bytes, is_partial, Location, StoreError};
 
 /// What to do with a record that fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
@@ -464,10 +462,9 @@ enum PartMsg {
 /// rerun redoes them.
 struct PartWriter {
     sketch: Arc<SketchWriter>,
-    sketches: Arc<dyn ObjectStore>,
+    sketches: Location,
     sketch_limit: Arc<Semaphore>,
-    prefix: Path,
-    output: Arc<dyn ObjectStore>,
+    output: Location,
     out_limit: Arc<Semaphore>,
     part_size: usize,
     part_records: usize,
@@ -518,7 +515,7 @@ impl PartWriter {
         if held.is_empty() {
             return;
         }
-        let key = self.prefix.clone().join(format!("part-{}-{:05}.parquet", self.run, self.seq).as_str());
+        let key = self.sketches.prefix.clone().join(format!("part-{}-{:05}.parquet", self.run, self.seq).as_str());
         self.seq += 1;
         let rows: Vec<SketchRow> = held.iter_mut().flat_map(|p| std::mem::take(&mut p.rows)).collect();
         let t = Instant::now();
@@ -774,7 +771,9 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
 fn ours(parts: &[String], exclude: Option<&[String]>, suffix: &str) -> bool {
     match exclude {
         None => false,
-        Some([]) => parts.last().is_some_and(|p| p.ends_with(suffix)) || parts.iter().any(|p| p == "_ferry"),
+        Some([]) => {
+            parts.last().is_some_and(|p| p.ends_with(suffix) || is_partial(p)) || parts.iter().any(|p| p == "_ferry")
+        }
         Some(ex) => parts.len() >= ex.len() && parts.iter().zip(ex).all(|(a, b)| a == b),
     }
 }
@@ -918,10 +917,9 @@ async fn run_pipeline(
             let open = Arc::new(AtomicUsize::new(items.len()));
             let writer = PartWriter {
                 sketch: w.clone(),
-                sketches: set.store.clone(),
+                sketches: set.clone(),
                 sketch_limit: write_limit(set),
-                prefix: set.prefix.clone(),
-                output: output.store.clone(),
+                output: output.clone(),
                 out_limit: out_limit.clone(),
                 part_size: cfg.part_size,
                 part_records: cfg.sketch_part_records,
@@ -1007,7 +1005,7 @@ async fn run_pipeline(
                     continue;
                 }
                 let (store, key, encoder, stats, tx, write_limit) = (
-                    output.store.clone(),
+                    output.clone(),
                     items[id].out_key.clone(),
                     encoder.clone(),
                     stats.clone(),
@@ -1137,7 +1135,7 @@ fn write_limit(at: &Location) -> Arc<Semaphore> {
 
 /// One atomic put (multipart past `part_size`), counted in the job's write time and bytes.
 async fn write_object(
-    store: Arc<dyn ObjectStore>,
+    to: Location,
     key: Path,
     body: Vec<u8>,
     part_size: usize,
@@ -1146,17 +1144,11 @@ async fn write_object(
 ) -> Result<(), String> {
     let t = Instant::now();
     let _permit = limit.acquire().await.expect("the write limit is never closed");
-    let mut writer = BufWriter::with_capacity(store, key, part_size);
-    let outcome = match writer.write_all(&body).await {
-        Ok(()) => writer.shutdown().await.map_err(|e| format!("write failed: {e}")),
-        Err(e) => {
-            let _ = writer.abort().await;
-            Err(format!("write failed: {e}"))
-        }
-    };
+    let len = body.len() as u64;
+    let outcome = to.write(&key, body, part_size).await;
     Stats::add(&stats.write_ns, t);
     if outcome.is_ok() {
-        stats.bytes_written.fetch_add(body.len() as u64, Ordering::Relaxed);
+        stats.bytes_written.fetch_add(len, Ordering::Relaxed);
     }
     outcome
 }

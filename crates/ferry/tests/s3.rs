@@ -121,7 +121,8 @@ fn transform_reads_and_writes_s3() {
             store.put(&Path::from(format!("{run}/images/{f}")), bytes.into()).await.unwrap();
         }
         let bytes = std::fs::read(examples().join("coffee.png")).unwrap();
-        store.put(&Path::from(format!("{run}/images/nested/deep/cup.png")), bytes.into()).await.unwrap();
+        // A key that needs escaping in a URL; its output key is the same name plus `.out`.
+        store.put(&Path::parse(format!("{run}/images/nested/été #1/cup 2.png")).unwrap(), bytes.into()).await.unwrap();
     });
     let input = format!("s3://{}/{run}/images/", s.bucket);
     let output = format!("s3://{}/{run}/out/", s.bucket);
@@ -130,13 +131,13 @@ fn transform_reads_and_writes_s3() {
     assert!(o.status.success(), "{}", stderr(&o));
 
     let label = |key: String| -> String {
-        let bytes = block_on(async { store.get(&Path::from(key)).await.unwrap().bytes().await.unwrap() });
+        let bytes = block_on(async { store.get(&Path::parse(key).unwrap()).await.unwrap().bytes().await.unwrap() });
         let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         v["predictions"][0]["labels"][0].as_str().unwrap().to_string()
     };
     assert_eq!(label(format!("{run}/out/chelsea.jpg.out")), "Egyptian cat");
     assert_eq!(label(format!("{run}/out/coffee.png.out")), "espresso");
-    assert_eq!(label(format!("{run}/out/nested/deep/cup.png.out")), "espresso");
+    assert_eq!(label(format!("{run}/out/nested/été #1/cup 2.png.out")), "espresso");
     let listed: Vec<String> = block_on(async {
         use futures::TryStreamExt;
         let metas: Vec<_> = store.list(Some(&Path::from(format!("{run}/out")))).try_collect().await.unwrap();

@@ -280,6 +280,15 @@ fn a_killed_sketch_job_resumes_with_every_finished_object_sketched() {
     let out = job.output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(outs(), 160);
+    // What the killed job left is hidden from other readers, and the rerun leaves no more.
+    let visible = |d: &Path| -> Vec<String> {
+        files(d).into_iter().filter(|f| !f.rsplit('/').next().unwrap().starts_with('.')).collect()
+    };
+    assert_eq!(files(&outputs), visible(&outputs));
+    assert_eq!(files(&outputs).len(), 161, "{:?}", files(&outputs));
+    for f in visible(&set) {
+        assert!(f.starts_with("_ferry/") || (f.starts_with("part-") && f.ends_with(".parquet")), "{f}");
+    }
     // Each record once in the set, whatever the kill left behind: every other image is similar to
     // this one exactly once.
     let hits: Vec<String> = similar(&set, "coffee/coffee_001.jpg", 1000).into_iter().map(|(k, _)| k).collect();

@@ -299,6 +299,8 @@ fn a_killed_job_resumes_to_byte_identical_outputs() {
 
     let o = base(resumed.path()).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
+    // Nothing a killed write left behind outlives the rerun, hidden or not.
+    assert_eq!(files(resumed.path()), files(reference.path()));
     let report = json(&resumed.path().join("_ferry/report.json"));
     assert_eq!(report["objects_skipped"].as_u64().unwrap() as usize, partial.len());
     let outs = |d: &std::path::Path| -> Vec<String> { files(d).into_iter().filter(|f| f.ends_with(".out")).collect() };
@@ -316,7 +318,9 @@ fn a_killed_job_resumes_to_byte_identical_outputs() {
 #[test]
 fn outputs_inside_the_input_folder_are_not_taken_for_inputs() {
     let data = tempfile::tempdir().unwrap();
-    std::fs::copy(examples().join("chelsea.jpg"), data.path().join("chelsea.jpg")).unwrap();
+    // Names are kept as they are, not percent-encoded.
+    let name = "chat été #1.jpg";
+    std::fs::copy(examples().join("chelsea.jpg"), data.path().join(name)).unwrap();
     let (model, input) = (mobilenet(), data.path().to_str().unwrap().to_string());
     let run_twice = |out: &str| {
         for _ in 0..2 {
@@ -327,13 +331,14 @@ fn outputs_inside_the_input_folder_are_not_taken_for_inputs() {
     };
     let out = data.path().join("predictions");
     run_twice(out.to_str().unwrap());
-    assert_eq!(files(&out), ["_ferry/report.json", "chelsea.jpg.out"]);
+    assert_eq!(files(&out), ["_ferry/report.json".to_string(), format!("{name}.out")]);
     assert_eq!(json(&out.join("_ferry/report.json"))["objects_total"], 1);
 
-    // Outputs written next to their inputs.
+    // Outputs written next to their inputs, with what a write killed before its rename leaves.
+    std::fs::write(data.path().join(format!(".{name}.out.ferry-partial")), b"{\"predictions\"").unwrap();
     run_twice(&input);
     let report = json(&data.path().join("_ferry/report.json"));
     assert_eq!(report["objects_total"], 1, "{report}");
     assert_eq!(report["objects_skipped"], 1, "{report}");
-    assert_eq!(top_label(&data.path().join("chelsea.jpg.out")), "Egyptian cat");
+    assert_eq!(top_label(&data.path().join(format!("{name}.out"))), "Egyptian cat");
 }

@@ -7,7 +7,6 @@
 //! aggregate decoder finds plus the one asked about.
 
 use ferry_sketch::{BlockEstimate, DecodeOptions, Sketch, Sketcher};
-use object_store::ObjectStoreExt;
 use serde::Serialize;
 
 use super::profile::IMAGE_MODULE;
@@ -224,7 +223,7 @@ pub async fn erase(set: &SketchSet, keep: usize, output: &str, max_retries: usiz
             .collect();
         let path = out.prefix.clone().join(format!("part-erased-{written:05}.parquet").as_str());
         let body = write_parquet(&rows, &set.profile)?;
-        out.store.put(&path, body.into()).await.map_err(|e| format!("{path}: {e}"))?;
+        out.write(&path, body, usize::MAX).await.map_err(|e| format!("{path}: {e}"))?;
         written += 1;
     }
     Ok(written)
