@@ -5,7 +5,11 @@
 //! come from the standard `AWS_*` variables; a plain-`http://` endpoint (a local S3-compatible
 //! server) is allowed when `AWS_ENDPOINT_URL` names one.
 //!
-//! Writes are the one place a folder differs. An S3 object appears whole or not at all; a file
+//! A folder is listed by walking it rather than through object_store, whose listing stops at the
+//! first file whose name is not a valid key (a control character, bytes that are not UTF-8): one
+//! such file would hide every file after it. Here it is reported by name and the walk goes on.
+//!
+//! Writes are the other place a folder differs. An S3 object appears whole or not at all; a file
 //! exists while it is written. object_store stages local writes in `<name>#<n>`, which it hides
 //! from its own listings but which other readers (pyarrow, Spark, a shell glob) take for data,
 //! and which a killed job leaves behind for good. So a folder is written through a hidden
@@ -16,6 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::TryStreamExt;
 use object_store::aws::AmazonS3Builder;
 use object_store::buffered::BufWriter;
 use object_store::local::LocalFileSystem;
@@ -59,8 +64,18 @@ pub struct Location {
     pub prefix: Path,
     /// The location as the user wrote it.
     pub url: String,
-    /// The same store when it is a local folder, for writes that go through a hidden file.
-    pub local: Option<Arc<LocalFileSystem>>,
+    /// The same store when it is a local folder, for listing it by walking it and for writes
+    /// that go through a hidden file.
+    pub local: Option<Folder>,
+}
+
+/// A local folder's store and the folder it is rooted at.
+#[derive(Debug, Clone)]
+pub struct Folder {
+    /// The store.
+    pub fs: Arc<LocalFileSystem>,
+    /// The folder.
+    pub root: PathBuf,
 }
 
 /// The suffix of the hidden file a local write goes through.
@@ -104,7 +119,8 @@ impl Location {
             LocalFileSystem::new_with_prefix(&dir)
                 .map_err(|source| StoreError::Config { url: url.to_string(), source })?,
         );
-        Ok(Self { store: store.clone(), prefix: Path::default(), url: url.to_string(), local: Some(store) })
+        let local = Some(Folder { fs: store.clone(), root: dir });
+        Ok(Self { store, prefix: Path::default(), url: url.to_string(), local })
     }
 
     /// Writes `body` to `key` so that no reader sees part of it, whatever stops the writer: a
@@ -112,7 +128,7 @@ impl Location {
     /// multipart one of `part_size` parts when the body is larger.
     pub async fn write(&self, key: &Path, body: Vec<u8>, part_size: usize) -> Result<(), String> {
         if let Some(local) = &self.local {
-            let target = local.path_to_filesystem(key).map_err(|e| e.to_string())?;
+            let target = local.fs.path_to_filesystem(key).map_err(|e| e.to_string())?;
             return tokio::task::spawn_blocking(move || write_file(&target, &body))
                 .await
                 .map_err(|e| format!("the write panicked: {e}"))?
@@ -129,6 +145,18 @@ impl Location {
                 Err(format!("write failed: {e}"))
             }
         }
+    }
+
+    /// Every key under this location, and what could not be listed as `(name, reason)`: files of
+    /// a folder whose names are not keys, or that could not be read. A store that cannot list is
+    /// an error.
+    pub async fn list_keys(&self) -> Result<(Vec<Path>, Vec<(String, String)>), object_store::Error> {
+        let Some(local) = &self.local else {
+            let keys = self.store.list(Some(&self.prefix)).map_ok(|m| m.location).try_collect().await?;
+            return Ok((keys, Vec::new()));
+        };
+        let (root, prefix) = (local.root.clone(), self.prefix.clone());
+        Ok(tokio::task::spawn_blocking(move || walk(&root, &prefix)).await.expect("listing a folder panicked"))
     }
 
     /// Whether this is a local folder.
@@ -166,6 +194,40 @@ impl Location {
         }
         Path::parse(&key).map_err(|e| format!("{key:?} is not allowed as an output key: {e}"))
     }
+}
+
+fn walk(root: &std::path::Path, prefix: &Path) -> (Vec<Path>, Vec<(String, String)>) {
+    let (mut keys, mut unlisted) = (Vec::new(), Vec::new());
+    let relative = |p: &std::path::Path| p.strip_prefix(root).unwrap_or(p).to_string_lossy().into_owned();
+    for entry in walkdir::WalkDir::new(root).min_depth(1).follow_links(true) {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                let name = e.path().map_or_else(|| root.display().to_string(), relative);
+                unlisted.push((name, e.to_string()));
+                continue;
+            }
+        };
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let name = relative(entry.path());
+        let parts: Option<Vec<&str>> = entry
+            .path()
+            .strip_prefix(root)
+            .ok()
+            .and_then(|rel| rel.components().map(|c| c.as_os_str().to_str()).collect());
+        let Some(parts) = parts else {
+            unlisted.push((name, "its name is not UTF-8, so it cannot be an object key".into()));
+            continue;
+        };
+        let key = std::iter::once(prefix.as_ref()).filter(|p| !p.is_empty()).chain(parts).collect::<Vec<_>>().join("/");
+        match Path::parse(&key) {
+            Ok(key) => keys.push(key),
+            Err(e) => unlisted.push((name, format!("its name cannot be an object key: {e}"))),
+        }
+    }
+    (keys, unlisted)
 }
 
 fn write_file(target: &std::path::Path, body: &[u8]) -> std::io::Result<()> {

@@ -33,9 +33,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ferry_backend::{Backend, BackendError, BackendKind, LoadOptions, Tensor};
 use ferry_sketch::{Dag, Sketch};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use object_store::path::Path;
-use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
+use object_store::ObjectStoreExt;
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -629,13 +629,12 @@ fn load_profile(cfg: &JobConfig, dir: &ModelDir) -> Result<SketchProfile, JobErr
     SketchProfile::from_json(&text).map_err(|e| JobError::Config(format!("{}: {e}", path.display())))
 }
 
-async fn list(location: &Location) -> Result<Vec<ObjectMeta>, JobError> {
-    location
-        .store
-        .list(Some(&location.prefix))
-        .try_collect()
-        .await
-        .map_err(|source| JobError::List { url: location.url.clone(), source })
+/// Every key under a location, and what of it could not be listed, as failures.
+async fn list(location: &Location) -> Result<(Vec<Path>, Vec<Failure>), JobError> {
+    let (keys, unlisted) =
+        location.list_keys().await.map_err(|source| JobError::List { url: location.url.clone(), source })?;
+    let unlisted = unlisted.into_iter().map(|(object, reason)| Failure { object, record: None, reason }).collect();
+    Ok((keys, unlisted))
 }
 
 /// The output prefix relative to the input prefix when outputs are written inside the inputs, so
@@ -687,32 +686,33 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
         let (done, objects) = tokio::try_join!(list(&output), list(&input))?;
         Ok::<_, JobError>((input, output, sketches, done, objects, t.elapsed().as_secs_f64()))
     };
-    let (prepared, (input, output, sketches, done, mut objects, list_seconds)) = tokio::try_join!(preparing, listing)?;
+    let (prepared, (input, output, sketches, (done, _), (mut objects, unnamed), list_seconds)) =
+        tokio::try_join!(preparing, listing)?;
     if let (Some(set), Some(w)) = (&sketches, &prepared.sketch) {
         claim(set, &w.profile).await.map_err(JobError::Config)?;
     }
     let runtime = prepared.runtime.clone();
     tracing::info!(model = %cfg.model.display(), %runtime, input = %input.url, output = %output.url, "starting transform");
 
-    let done: HashSet<Path> = done.into_iter().map(|m| m.location).filter(|p| p.as_ref().ends_with(".out")).collect();
-    objects.sort_by(|a, b| a.location.cmp(&b.location));
+    let done: HashSet<Path> = done.into_iter().filter(|p| p.as_ref().ends_with(".out")).collect();
+    objects.sort();
     let exclude = nested_output(&cfg.input, &cfg.output);
     let exclude_sketches = cfg.sketch.as_deref().and_then(|s| nested_output(&cfg.input, s));
 
-    let mut failures = Vec::new();
+    let mut objects_total = unnamed.len();
+    let mut failures = unnamed;
     let mut items = Vec::new();
     let mut skipped = 0;
-    let mut objects_total = 0;
-    for meta in objects {
-        let parts = input.relative(&meta.location).unwrap_or_default();
+    for key in objects {
+        let parts = input.relative(&key).unwrap_or_default();
         if ours(&parts, exclude.as_deref(), ".out") || ours(&parts, exclude_sketches.as_deref(), ".parquet") {
             continue;
         }
         objects_total += 1;
         match output.child(&parts, ".out") {
             Ok(out_key) if done.contains(&out_key) => skipped += 1,
-            Ok(out_key) => items.push(Item { key: meta.location, out_key, relative: parts.join("/") }),
-            Err(reason) => failures.push(Failure { object: meta.location.to_string(), record: None, reason }),
+            Ok(out_key) => items.push(Item { key, out_key, relative: parts.join("/") }),
+            Err(reason) => failures.push(Failure { object: key.to_string(), record: None, reason }),
         }
     }
     let rejected = failures.len();

@@ -182,6 +182,34 @@ fn bad_inputs_fail_alone_and_are_named() {
     assert_eq!(top_label(&out2.path().join("good.jpg.out")), "Egyptian cat");
 }
 
+#[test]
+fn files_whose_names_are_not_keys_fail_alone() {
+    use std::os::unix::ffi::OsStrExt;
+    let input = tempfile::tempdir().unwrap();
+    let good = std::fs::read(examples().join("chelsea.jpg")).unwrap();
+    // Enough good files that some come after the bad ones in the folder's order, whatever it is.
+    let names: Vec<String> = (0..8).map(|i| format!("cat {i}.jpg")).collect();
+    for n in &names {
+        std::fs::write(input.path().join(n), &good).unwrap();
+    }
+    std::fs::write(input.path().join("tab\there.jpg"), &good).unwrap();
+    std::fs::write(input.path().join(std::ffi::OsStr::from_bytes(b"caf\xe9.jpg")), &good).unwrap();
+
+    let out = tempfile::tempdir().unwrap();
+    let (i, o) = (input.path().to_str().unwrap(), out.path().to_str().unwrap());
+    let run = transform(&["--model", mobilenet().to_str().unwrap(), "--input", i, "--output", o, "--top-k", "1"]);
+    let err = stderr(&run);
+    assert_eq!(run.status.code(), Some(1), "{err}");
+    assert!(err.lines().any(|l| l.contains("tab\there.jpg") && l.contains("cannot be an object key")), "{err}");
+    assert!(err.lines().any(|l| l.contains("caf\u{fffd}.jpg") && l.contains("not UTF-8")), "{err}");
+    let mut expected: Vec<String> = names.iter().map(|n| format!("{n}.out")).collect();
+    expected.push("_ferry/report.json".into());
+    expected.sort();
+    assert_eq!(files(out.path()), expected);
+    let report = json(&out.path().join("_ferry/report.json"));
+    assert_eq!((report["objects_total"].as_u64(), report["objects_failed"].as_u64()), (Some(10), Some(2)), "{report}");
+}
+
 /// A valid JPEG whose frame header claims `w`x`h`: decoding it for real would need
 /// w*h*3 bytes.
 fn jpeg_claiming(w: u16, h: u16) -> Vec<u8> {

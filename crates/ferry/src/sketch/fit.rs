@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use ferry_backend::{BackendKind, LoadOptions, Tensor};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 
 use super::profile::{fit_profile, fit_stage, peaks, FitSettings, Peak, SketchProfile, PROFILE_FILE};
 use crate::image::{ImageDecoder, ImagePlan};
@@ -86,13 +86,7 @@ pub async fn run(cfg: FitConfig) -> Result<FitOutcome, String> {
     let plan = ImagePlan::new(&dir.input, dir.input.declared_hw(&info), 178_956_970).map_err(|e| e.to_string())?;
 
     let input = Location::open(&cfg.input, false, cfg.max_retries).map_err(|e| e.to_string())?;
-    let mut keys: Vec<_> = input
-        .store
-        .list(Some(&input.prefix))
-        .map_ok(|m| m.location)
-        .try_collect()
-        .await
-        .map_err(|e| format!("listing {}: {e}", input.url))?;
+    let (mut keys, unlisted) = input.list_keys().await.map_err(|e| format!("listing {}: {e}", input.url))?;
     keys.sort();
     if keys.len() > cfg.limit {
         let n = keys.len();
@@ -185,5 +179,5 @@ pub async fn run(cfg: FitConfig) -> Result<FitOutcome, String> {
         std::fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
     }
     std::fs::write(&out_path, body).map_err(|e| format!("writing {}: {e}", out_path.display()))?;
-    Ok(FitOutcome { path: out_path, profile, skipped })
+    Ok(FitOutcome { path: out_path, profile, skipped: unlisted.into_iter().chain(skipped).collect() })
 }
