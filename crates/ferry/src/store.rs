@@ -125,7 +125,7 @@ impl Location {
 
     /// Writes `body` to `key` so that no reader sees part of it, whatever stops the writer: a
     /// folder through a hidden file renamed into place, a store with a single upload, or a
-    /// multipart one of `part_size` parts when the body is larger.
+    /// multipart one of `part_size` parts when the body is larger (never, with `usize::MAX`).
     pub async fn write(&self, key: &Path, body: Vec<u8>, part_size: usize) -> Result<(), String> {
         if let Some(local) = &self.local {
             let target = local.fs.path_to_filesystem(key).map_err(|e| e.to_string())?;

@@ -35,7 +35,6 @@ use ferry_backend::{Backend, BackendError, BackendKind, LoadOptions, Tensor};
 use ferry_sketch::{Dag, Sketch};
 use futures::StreamExt;
 use object_store::path::Path;
-use object_store::ObjectStoreExt;
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -786,11 +785,9 @@ async fn write_report(cfg: &JobConfig, output: &Location, report: &JobReport) ->
         None => {
             let key = output.prefix.clone().join("_ferry").join("report.json");
             output
-                .store
-                .put(&key, body.into())
+                .write(&key, body, usize::MAX)
                 .await
-                .map(|_| ())
-                .map_err(|e| JobError::Report { path: key.to_string(), reason: e.to_string() })
+                .map_err(|reason| JobError::Report { path: key.to_string(), reason })
         }
     }
 }

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
-use object_store::ObjectStoreExt;
 use parquet::basic::Compression;
 use parquet::data_type::{ByteArray, ByteArrayType, FloatType, Int32Type, Int64Type};
 use parquet::file::metadata::KeyValue;
@@ -183,7 +182,7 @@ pub async fn claim(set: &Location, profile: &SketchProfile) -> Result<(), String
         Err(e) => return Err(format!("reading the sketch profile of {}: {e}", set.url)),
     }
     let body = serde_json::to_vec_pretty(profile).expect("the profile serialises");
-    set.store.put(&key, body.into()).await.map_err(|e| format!("writing the sketch profile to {}: {e}", set.url))?;
+    set.write(&key, body, usize::MAX).await.map_err(|e| format!("writing the sketch profile to {}: {e}", set.url))?;
     Ok(())
 }
 
