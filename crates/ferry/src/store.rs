@@ -37,6 +37,14 @@ pub enum StoreError {
     /// A URL scheme ferry does not speak.
     #[error("{0}: unsupported location (use a local path, file://, or s3://bucket/prefix)")]
     Unsupported(String),
+    /// A bucket prefix that is not a key (an empty part, a control character).
+    #[error("{url}: the prefix is not a valid key ({reason})")]
+    BadPrefix {
+        /// The location.
+        url: String,
+        /// Why.
+        reason: String,
+    },
     /// The object store refused the configuration.
     #[error("{url}: {source}")]
     Config {
@@ -104,7 +112,10 @@ impl Location {
                 builder = builder.with_allow_http(true);
             }
             let store = builder.build().map_err(|source| StoreError::Config { url: url.to_string(), source })?;
-            return Ok(Self { store: Arc::new(store), prefix: Path::from(prefix), url: url.to_string(), local: None });
+            // As written: `s3://b/été/` lists `été/…`, not a percent-encoded prefix.
+            let prefix = Path::parse(prefix)
+                .map_err(|e| StoreError::BadPrefix { url: url.to_string(), reason: e.to_string() })?;
+            return Ok(Self { store: Arc::new(store), prefix, url: url.to_string(), local: None });
         }
         if url.contains("://") && !url.starts_with("file://") {
             return Err(StoreError::Unsupported(url.to_string()));

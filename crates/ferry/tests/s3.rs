@@ -118,13 +118,17 @@ fn transform_reads_and_writes_s3() {
     block_on(async {
         for f in ["chelsea.jpg", "coffee.png", "astronaut.png", "rocket.jpg"] {
             let bytes = std::fs::read(examples().join(f)).unwrap();
-            store.put(&Path::from(format!("{run}/images/{f}")), bytes.into()).await.unwrap();
+            store.put(&Path::parse(format!("{run}/images été/{f}")).unwrap(), bytes.into()).await.unwrap();
         }
         let bytes = std::fs::read(examples().join("coffee.png")).unwrap();
         // A key that needs escaping in a URL; its output key is the same name plus `.out`.
-        store.put(&Path::parse(format!("{run}/images/nested/été #1/cup 2.png")).unwrap(), bytes.into()).await.unwrap();
+        store
+            .put(&Path::parse(format!("{run}/images été/nested/été #1/cup 2.png")).unwrap(), bytes.into())
+            .await
+            .unwrap();
     });
-    let input = format!("s3://{}/{run}/images/", s.bucket);
+    // Prefixes and keys as they are written, not percent-encoded.
+    let input = format!("s3://{}/{run}/images été/", s.bucket);
     let output = format!("s3://{}/{run}/out/", s.bucket);
     let model = mobilenet();
     let o = s.transform(&["--model", model.to_str().unwrap(), "--input", &input, "--output", &output, "--top-k", "3"]);
