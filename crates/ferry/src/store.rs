@@ -34,6 +34,9 @@ pub enum StoreError {
     /// A local input folder that does not exist.
     #[error("{0}: no such folder")]
     NoSuchFolder(PathBuf),
+    /// A local location that is a file: inputs and outputs are folders.
+    #[error("{0}: a file, not a folder (give the folder that holds the inputs or outputs)")]
+    NotAFolder(PathBuf),
     /// A URL scheme ferry does not speak.
     #[error("{0}: unsupported location (use a local path, file://, or s3://bucket/prefix)")]
     Unsupported(String),
@@ -121,6 +124,9 @@ impl Location {
             return Err(StoreError::Unsupported(url.to_string()));
         }
         let dir = PathBuf::from(url.strip_prefix("file://").unwrap_or(url));
+        if dir.exists() && !dir.is_dir() {
+            return Err(StoreError::NotAFolder(dir));
+        }
         if create {
             std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io { path: dir.clone(), source })?;
         } else if !dir.is_dir() {
@@ -295,6 +301,11 @@ mod tests {
         let err = Location::open("/nonexistent/ferry-input", false, 0).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/ferry-input"), "{err}");
         assert!(Location::open("gopher://x/y", false, 0).is_err());
+        let file = tempfile::NamedTempFile::new().unwrap();
+        for create in [false, true] {
+            let err = Location::open(file.path().to_str().unwrap(), create, 0).unwrap_err().to_string();
+            assert!(err.contains("a file, not a folder"), "{err}");
+        }
     }
 
     fn files_under(dir: &std::path::Path) -> Vec<String> {
