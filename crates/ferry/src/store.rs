@@ -87,6 +87,8 @@ pub struct Folder {
     pub fs: Arc<LocalFileSystem>,
     /// The folder.
     pub root: PathBuf,
+    /// Whether each file's data reaches the disk before it is renamed into place.
+    pub fsync: bool,
 }
 
 /// The suffix of the hidden file a local write goes through.
@@ -136,8 +138,18 @@ impl Location {
             LocalFileSystem::new_with_prefix(&dir)
                 .map_err(|source| StoreError::Config { url: url.to_string(), source })?,
         );
-        let local = Some(Folder { fs: store.clone(), root: dir });
+        let local = Some(Folder { fs: store.clone(), root: dir, fsync: false });
         Ok(Self { store, prefix: Path::default(), url: url.to_string(), local })
+    }
+
+    /// With `on`, a folder's writes reach the disk before they are renamed into place, so that
+    /// after a power loss a file that exists is complete (ext4 and others may otherwise show it
+    /// empty). A bucket's objects are durable when their upload returns; nothing changes there.
+    pub fn with_fsync(mut self, on: bool) -> Self {
+        if let Some(local) = &mut self.local {
+            local.fsync = on;
+        }
+        self
     }
 
     /// Writes `body` to `key` so that no reader sees part of it, whatever stops the writer: a
@@ -146,7 +158,8 @@ impl Location {
     pub async fn write(&self, key: &Path, body: Vec<u8>, part_size: usize) -> Result<(), String> {
         if let Some(local) = &self.local {
             let target = local.fs.path_to_filesystem(key).map_err(|e| e.to_string())?;
-            return tokio::task::spawn_blocking(move || write_file(&target, &body))
+            let fsync = local.fsync;
+            return tokio::task::spawn_blocking(move || write_file(&target, &body, fsync))
                 .await
                 .map_err(|e| format!("the write panicked: {e}"))?
                 .map_err(|e| format!("write failed: {e}"));
@@ -247,7 +260,7 @@ fn walk(root: &std::path::Path, prefix: &Path) -> (Vec<Path>, Vec<(String, Strin
     (keys, unlisted)
 }
 
-fn write_file(target: &std::path::Path, body: &[u8]) -> std::io::Result<()> {
+fn write_file(target: &std::path::Path, body: &[u8], fsync: bool) -> std::io::Result<()> {
     let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
         return Err(std::io::Error::other(format!("{} is not a file path", target.display())));
     };
@@ -255,13 +268,19 @@ fn write_file(target: &std::path::Path, body: &[u8]) -> std::io::Result<()> {
     hidden.push(name);
     hidden.push(PARTIAL_SUFFIX);
     let partial = dir.join(hidden);
-    if let Err(e) = std::fs::write(&partial, body) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            return Err(e);
+    let create = || std::fs::File::create(&partial);
+    let mut file = match create() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir)?;
+            create()?
         }
-        std::fs::create_dir_all(dir)?;
-        std::fs::write(&partial, body)?;
+        other => other?,
+    };
+    std::io::Write::write_all(&mut file, body)?;
+    if fsync {
+        file.sync_data()?;
     }
+    drop(file);
     std::fs::rename(&partial, target)
 }
 
@@ -336,9 +355,9 @@ mod tests {
         out.write(&key, b"whole".to_vec(), 5 << 20).await.unwrap();
         assert_eq!(files_under(tmp.path()), ["a b/c%d#1 été.jpg.out"]);
         assert_eq!(get_bytes(out.store.as_ref(), &key).await.unwrap().as_ref(), b"whole");
-        // A folder that does not exist yet is made.
+        // A folder that does not exist yet is made, with or without flushing to disk.
         let deep = out.child(&["x", "y", "z.jpg"], ".out").unwrap();
-        out.write(&deep, b"1".to_vec(), 5 << 20).await.unwrap();
+        out.clone().with_fsync(true).write(&deep, b"1".to_vec(), 5 << 20).await.unwrap();
         assert_eq!(files_under(tmp.path()), ["a b/c%d#1 été.jpg.out", "x/y/z.jpg.out"]);
         assert!(is_partial(".c%d#1.jpg.out.ferry-partial") && !is_partial("c.jpg.out") && !is_partial(".hidden.jpg"));
     }

@@ -98,6 +98,8 @@ pub struct JobConfig {
     pub dct_scaling: bool,
     /// Outputs larger than this are uploaded in parts of this size.
     pub part_size: usize,
+    /// Flush each file written to a local folder to disk before renaming it into place.
+    pub fsync: bool,
     /// Where to write the job report; `<output>/_ferry/report.json` when absent.
     pub report: Option<PathBuf>,
     /// How progress is shown.
@@ -131,6 +133,7 @@ impl Default for JobConfig {
             max_image_pixels: 178_956_970,
             dct_scaling: true,
             part_size: 8 << 20,
+            fsync: false,
             report: None,
             progress: ProgressMode::Auto,
             max_retries: 10,
@@ -676,9 +679,9 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
     };
     let listing = async {
         let input = Location::open(&cfg.input, false, cfg.max_retries)?;
-        let output = Location::open(&cfg.output, true, cfg.max_retries)?;
+        let output = Location::open(&cfg.output, true, cfg.max_retries)?.with_fsync(cfg.fsync);
         let sketches = match &cfg.sketch {
-            Some(url) => Some(Location::open(url, true, cfg.max_retries)?),
+            Some(url) => Some(Location::open(url, true, cfg.max_retries)?.with_fsync(cfg.fsync)),
             None => None,
         };
         let t = Instant::now();
