@@ -260,7 +260,9 @@ fn walk(root: &std::path::Path, prefix: &Path) -> (Vec<Path>, Vec<(String, Strin
     (keys, unlisted)
 }
 
-fn write_file(target: &std::path::Path, body: &[u8], fsync: bool) -> std::io::Result<()> {
+/// Writes a local file through a hidden `.<name>.ferry-partial` beside it, renamed over it once
+/// complete (flushed to disk first with `fsync`), so that no reader ever sees part of it.
+pub fn write_file(target: &std::path::Path, body: &[u8], fsync: bool) -> std::io::Result<()> {
     let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
         return Err(std::io::Error::other(format!("{} is not a file path", target.display())));
     };

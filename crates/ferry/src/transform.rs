@@ -783,7 +783,7 @@ fn ours(parts: &[String], exclude: Option<&[String]>, suffix: &str) -> bool {
 async fn write_report(cfg: &JobConfig, output: &Location, report: &JobReport) -> Result<(), JobError> {
     let body = serde_json::to_vec_pretty(report).expect("the report serialises");
     match &cfg.report {
-        Some(path) => std::fs::write(path, body)
+        Some(path) => crate::store::write_file(path, &body, cfg.fsync)
             .map_err(|e| JobError::Report { path: path.display().to_string(), reason: e.to_string() }),
         None => {
             let key = output.prefix.clone().join("_ferry").join("report.json");

@@ -178,6 +178,6 @@ pub async fn run(cfg: FitConfig) -> Result<FitOutcome, String> {
     if let Some(parent) = out_path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
     }
-    std::fs::write(&out_path, body).map_err(|e| format!("writing {}: {e}", out_path.display()))?;
+    crate::store::write_file(&out_path, &body, false).map_err(|e| format!("writing {}: {e}", out_path.display()))?;
     Ok(FitOutcome { path: out_path, profile, skipped: unlisted.into_iter().chain(skipped).collect() })
 }
