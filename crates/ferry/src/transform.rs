@@ -11,8 +11,8 @@
 //! their own OS threads, never on the runtime. Each model thread owns one backend instance and
 //! forms its own batches from whatever is decoded, so batches span objects. Records carry
 //! `(object, index)` and the assembler puts them back in order; an object is written once all its
-//! records are back, with one atomic put (multipart past `part_size`), so no partial `.out` is
-//! ever visible. A permit per object, taken before its GET and given back after its PUT, bounds
+//! records are back, with one atomic put (multipart past `part_size`; to a folder, a hidden file
+//! renamed into place: `Location::write`), so no partial `.out` is ever visible. A permit per object, taken before its GET and given back after its PUT, bounds
 //! memory.
 //!
 //! With `--sketch`, each object's sketches (one per record, from the same forward pass) are
