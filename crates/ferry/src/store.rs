@@ -154,7 +154,7 @@ impl Location {
 
     /// Writes `body` to `key` so that no reader sees part of it, whatever stops the writer: a
     /// folder through a hidden file renamed into place, a store with a single upload, or a
-    /// multipart one of `part_size` parts when the body is larger (never, with `usize::MAX`).
+    /// multipart one of `part_size` parts when the body is larger.
     pub async fn write(&self, key: &Path, body: Vec<u8>, part_size: usize) -> Result<(), String> {
         if let Some(local) = &self.local {
             let target = local.fs.path_to_filesystem(key).map_err(|e| e.to_string())?;
@@ -177,6 +177,11 @@ impl Location {
         }
     }
 
+    /// [`Location::write`] with a single upload whatever the size, for small objects.
+    pub async fn write_whole(&self, key: &Path, body: Vec<u8>) -> Result<(), String> {
+        self.write(key, body, usize::MAX).await
+    }
+
     /// Every key under this location, and what could not be listed as `(name, reason)`: files of
     /// a folder whose names are not keys, or that could not be read. A store that cannot list is
     /// an error.
@@ -185,13 +190,14 @@ impl Location {
             let keys = self.store.list(Some(&self.prefix)).map_ok(|m| m.location).try_collect().await?;
             return Ok((keys, Vec::new()));
         };
-        let (root, prefix) = (local.root.clone(), self.prefix.clone());
-        Ok(tokio::task::spawn_blocking(move || walk(&root, &prefix)).await.expect("listing a folder panicked"))
+        // A folder's store is rooted at the folder, so its keys are paths relative to it.
+        let root = local.root.clone();
+        Ok(tokio::task::spawn_blocking(move || walk(&root)).await.expect("listing a folder panicked"))
     }
 
     /// Whether this is a local folder.
     pub fn is_local(&self) -> bool {
-        !self.url.contains("://") || self.url.starts_with("file://")
+        self.local.is_some()
     }
 
     /// `key` relative to this location's prefix, as its parts.
@@ -226,33 +232,28 @@ impl Location {
     }
 }
 
-fn walk(root: &std::path::Path, prefix: &Path) -> (Vec<Path>, Vec<(String, String)>) {
+fn walk(root: &std::path::Path) -> (Vec<Path>, Vec<(String, String)>) {
     let (mut keys, mut unlisted) = (Vec::new(), Vec::new());
-    let relative = |p: &std::path::Path| p.strip_prefix(root).unwrap_or(p).to_string_lossy().into_owned();
+    let relative = |p: &std::path::Path| p.strip_prefix(root).unwrap_or(p).to_path_buf();
     for entry in walkdir::WalkDir::new(root).min_depth(1).follow_links(true) {
         let entry = match entry {
             Ok(e) => e,
             Err(e) => {
-                let name = e.path().map_or_else(|| root.display().to_string(), relative);
-                unlisted.push((name, e.to_string()));
+                let name = e.path().map_or_else(|| root.to_path_buf(), relative);
+                unlisted.push((name.to_string_lossy().into_owned(), e.to_string()));
                 continue;
             }
         };
         if !entry.file_type().is_file() {
             continue;
         }
-        let name = relative(entry.path());
-        let parts: Option<Vec<&str>> = entry
-            .path()
-            .strip_prefix(root)
-            .ok()
-            .and_then(|rel| rel.components().map(|c| c.as_os_str().to_str()).collect());
-        let Some(parts) = parts else {
+        let rel = relative(entry.path());
+        let name = rel.to_string_lossy().into_owned();
+        let Some(parts) = rel.components().map(|c| c.as_os_str().to_str()).collect::<Option<Vec<&str>>>() else {
             unlisted.push((name, "its name is not UTF-8, so it cannot be an object key".into()));
             continue;
         };
-        let key = std::iter::once(prefix.as_ref()).filter(|p| !p.is_empty()).chain(parts).collect::<Vec<_>>().join("/");
-        match Path::parse(&key) {
+        match Path::parse(parts.join("/")) {
             Ok(key) => keys.push(key),
             Err(e) => unlisted.push((name, format!("its name cannot be an object key: {e}"))),
         }

@@ -12,8 +12,8 @@
 //! forms its own batches from whatever is decoded, so batches span objects. Records carry
 //! `(object, index)` and the assembler puts them back in order; an object is written once all its
 //! records are back, with one atomic put (multipart past `part_size`; to a folder, a hidden file
-//! renamed into place: `Location::write`), so no partial `.out` is ever visible. A permit per object, taken before its GET and given back after its PUT, bounds
-//! memory.
+//! renamed into place: `Location::write`), so no partial `.out` is ever visible. A permit per
+//! object, taken before its GET and given back after its PUT, bounds memory.
 //!
 //! With `--sketch`, each object's sketches (one per record, from the same forward pass) are
 //! built on sketch threads, many objects at a time, and collected into Parquet part files of
@@ -525,8 +525,8 @@ impl PartWriter {
         Stats::add(&self.stats.sketch_ns, t);
         let written = match part {
             Ok(body) => {
-                let (store, limit) = (self.sketches.clone(), &self.sketch_limit);
-                write_object(store, key.clone(), body, self.part_size, limit, &self.stats).await
+                let (to, limit) = (self.sketches.clone(), &self.sketch_limit);
+                write_object(to, key.clone(), body, self.part_size, limit, &self.stats).await
             }
             Err(e) => Err(e),
         };
@@ -787,10 +787,7 @@ async fn write_report(cfg: &JobConfig, output: &Location, report: &JobReport) ->
             .map_err(|e| JobError::Report { path: path.display().to_string(), reason: e.to_string() }),
         None => {
             let key = output.prefix.clone().join("_ferry").join("report.json");
-            output
-                .write(&key, body, usize::MAX)
-                .await
-                .map_err(|reason| JobError::Report { path: key.to_string(), reason })
+            output.write_whole(&key, body).await.map_err(|reason| JobError::Report { path: key.to_string(), reason })
         }
     }
 }
@@ -821,7 +818,6 @@ async fn run_pipeline(
     let Prepared { runtime: _, instances, plan, encoder, sketch } = prepared;
     let encoder = Arc::new(encoder);
     let sketch = sketch.map(Arc::new);
-    let item_shape = plan.item_shape();
     let (decode_tx, decode_rx) = async_channel::bounded::<DecodeJob>(cfg.decode_threads * 4);
     let (infer_tx, infer_rx) = crossbeam_channel::bounded::<Decoded>(cfg.threads * cfg.max_batch_size * 2);
     let (event_tx, event_rx) = async_channel::unbounded::<Event>();
@@ -844,7 +840,6 @@ async fn run_pipeline(
             rx: infer_rx.clone(),
             events: event_tx.clone(),
             stats: stats.clone(),
-            item_shape: item_shape.clone(),
             plan: plan.clone(),
             max_batch: cfg.max_batch_size,
             wait: cfg.batch_wait,
@@ -1004,7 +999,7 @@ async fn run_pipeline(
                     progress.object_done(record_count, true);
                     continue;
                 }
-                let (store, key, encoder, stats, tx, write_limit) = (
+                let (to, key, encoder, stats, tx, write_limit) = (
                     output.clone(),
                     items[id].out_key.clone(),
                     encoder.clone(),
@@ -1052,7 +1047,7 @@ async fn run_pipeline(
                     .expect("encoding panicked");
                     let outcome = match rows {
                         None | Some((Ok(None), _)) => {
-                            write_object(store, key, body, part_size, &write_limit, &stats).await
+                            write_object(to, key, body, part_size, &write_limit, &stats).await
                         }
                         Some((Err(e), _)) => Err(e),
                         Some((Ok(Some(rows)), parts)) => {
@@ -1190,7 +1185,6 @@ struct ModelThread {
     rx: crossbeam_channel::Receiver<Decoded>,
     events: async_channel::Sender<Event>,
     stats: Arc<Stats>,
-    item_shape: Vec<usize>,
     plan: ImagePlan,
     max_batch: usize,
     wait: Duration,
@@ -1198,7 +1192,8 @@ struct ModelThread {
 }
 
 fn infer_loop(mut backend: Box<dyn Backend>, t: ModelThread) {
-    let ModelThread { rx, events, stats, item_shape, plan, max_batch, wait, pool } = t;
+    let ModelThread { rx, events, stats, plan, max_batch, wait, pool } = t;
+    let item_shape = plan.item_shape();
     let mut input = Tensor { shape: Vec::new(), data: Vec::new() };
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];

@@ -175,9 +175,6 @@ pub async fn run(cfg: FitConfig) -> Result<FitOutcome, String> {
     .await
     .expect("fitting panicked")?;
     let body = serde_json::to_vec_pretty(&profile).expect("the profile serialises");
-    if let Some(parent) = out_path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
-    }
     crate::store::write_file(&out_path, &body, false).map_err(|e| format!("writing {}: {e}", out_path.display()))?;
     Ok(FitOutcome { path: out_path, profile, skipped: unlisted.into_iter().chain(skipped).collect() })
 }

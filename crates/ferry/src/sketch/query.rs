@@ -223,7 +223,7 @@ pub async fn erase(set: &SketchSet, keep: usize, output: &str, max_retries: usiz
             .collect();
         let path = out.prefix.clone().join(format!("part-erased-{written:05}.parquet").as_str());
         let body = write_parquet(&rows, &set.profile)?;
-        out.write(&path, body, usize::MAX).await.map_err(|e| format!("{path}: {e}"))?;
+        out.write_whole(&path, body).await.map_err(|e| format!("{path}: {e}"))?;
         written += 1;
     }
     Ok(written)

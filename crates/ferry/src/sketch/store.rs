@@ -182,7 +182,7 @@ pub async fn claim(set: &Location, profile: &SketchProfile) -> Result<(), String
         Err(e) => return Err(format!("reading the sketch profile of {}: {e}", set.url)),
     }
     let body = serde_json::to_vec_pretty(profile).expect("the profile serialises");
-    set.write(&key, body, usize::MAX).await.map_err(|e| format!("writing the sketch profile to {}: {e}", set.url))?;
+    set.write_whole(&key, body).await.map_err(|e| format!("writing the sketch profile to {}: {e}", set.url))?;
     Ok(())
 }
 
