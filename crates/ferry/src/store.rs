@@ -323,6 +323,10 @@ mod tests {
         let err = Location::open("/nonexistent/ferry-input", false, 0).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/ferry-input"), "{err}");
         assert!(Location::open("gopher://x/y", false, 0).is_err());
+        let err = Location::open("s3://bucket/a//b/", false, 0).unwrap_err().to_string();
+        assert!(err.contains("s3://bucket/a//b/: the prefix is not a valid key"), "{err}");
+        let prefixed = Location::open("s3://bucket/été #1/", false, 0).unwrap();
+        assert_eq!(prefixed.prefix.as_ref(), "été #1");
         let file = tempfile::NamedTempFile::new().unwrap();
         for create in [false, true] {
             let err = Location::open(file.path().to_str().unwrap(), create, 0).unwrap_err().to_string();
