@@ -3,6 +3,10 @@
 
 identity_512: returns its [N, 3, 512, 512] input unchanged, so a single image produces a
 ~8 MB .out (a multipart upload) and every output value can be checked against the pixels.
+
+identity_224: the same at 224x224 behind ImageNet's geometry (short side 256, centre crop 224)
+without mean and std, so each output is a pre-processed pixel / 255 that can be compared with
+Pillow's.
 """
 import os
 
@@ -10,15 +14,22 @@ import onnx
 from onnx import TensorProto, helper
 
 here = os.path.dirname(os.path.abspath(__file__))
-out = os.path.join(here, "..", "tests", "fixtures", "identity_512")
-os.makedirs(out, exist_ok=True)
-x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 3, 512, 512])
-y = helper.make_tensor_value_info("same", TensorProto.FLOAT, ["batch", 3, 512, 512])
-graph = helper.make_graph([helper.make_node("Identity", ["pixels"], ["same"])], "identity_512", [x], [y])
-model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-model.ir_version = 8
-onnx.checker.check_model(model)
-onnx.save(model, os.path.join(out, "model.onnx"))
-with open(os.path.join(out, "ferry.toml"), "w") as f:
-    f.write('[input]\nresize = [512, 512]\nscale = 255.0\n')
-print("wrote", os.path.normpath(out))
+
+
+def identity(name, side, toml):
+    out = os.path.join(here, "..", "tests", "fixtures", name)
+    os.makedirs(out, exist_ok=True)
+    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 3, side, side])
+    y = helper.make_tensor_value_info("same", TensorProto.FLOAT, ["batch", 3, side, side])
+    graph = helper.make_graph([helper.make_node("Identity", ["pixels"], ["same"])], name, [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, os.path.join(out, "model.onnx"))
+    with open(os.path.join(out, "ferry.toml"), "w") as f:
+        f.write(toml)
+    print("wrote", os.path.normpath(out))
+
+
+identity("identity_512", 512, "[input]\nresize = [512, 512]\nscale = 255.0\n")
+identity("identity_224", 224, "[input]\nresize = 256\ncrop = [224, 224]\nscale = 255.0\n")

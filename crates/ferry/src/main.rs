@@ -226,8 +226,8 @@ struct TransformArgs {
     /// Largest image, in declared pixels, that will be decoded; larger ones fail (image bombs).
     #[arg(long, env = "FERRY_MAX_IMAGE_PIXELS", default_value_t = 178_956_970)]
     max_image_pixels: u64,
-    /// Decode every JPEG at full size instead of at 1/2, 1/4 or 1/8 scale when that leaves enough
-    /// pixels.
+    /// Decode every JPEG at full size instead of at 1/2, 1/4 or 1/8 scale when that leaves at
+    /// least twice the resized size.
     #[arg(long, env = "FERRY_NO_DCT_SCALING")]
     no_dct_scaling: bool,
     /// Outputs larger than this many MiB are uploaded in parts of this size (at least 5).

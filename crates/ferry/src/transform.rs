@@ -94,7 +94,7 @@ pub struct JobConfig {
     pub on_error: OnError,
     /// Largest image, in declared pixels, that will be decoded.
     pub max_image_pixels: u64,
-    /// Decode large JPEGs at 1/2, 1/4 or 1/8 scale when that still leaves enough pixels.
+    /// Decode large JPEGs at 1/2, 1/4 or 1/8 scale when that still leaves twice the resized size.
     pub dct_scaling: bool,
     /// Outputs larger than this are uploaded in parts of this size.
     pub part_size: usize,

@@ -120,6 +120,68 @@ fn matches_python_onnxruntime_with_pillow() {
     }
 }
 
+/// Pre-processed pixels, read from an identity model's `.out`, in units of one 8-bit level.
+fn levels(out: &std::path::Path) -> Vec<f32> {
+    fn flatten(v: &serde_json::Value, px: &mut Vec<f32>) {
+        match v {
+            serde_json::Value::Array(a) => a.iter().for_each(|x| flatten(x, px)),
+            x => px.push(x.as_f64().unwrap() as f32 * 255.0),
+        }
+    }
+    let mut px = Vec::new();
+    flatten(&json(out)["predictions"][0], &mut px);
+    px
+}
+
+#[test]
+fn preprocessing_matches_pillow_across_encodings_from_another_writer() {
+    // Pillow writes the files (progressive, every chroma subsampling, greyscale, CMYK, restart
+    // markers, palette and alpha PNGs, 16-bit, tiny, strip-shaped and large images) and
+    // pre-processes them; ferry must give the same pixels through an identity model.
+    let dir = tempfile::tempdir().unwrap();
+    let model = repo().join("tests/fixtures/identity_224");
+    let made = Command::new("python3")
+        .arg(repo().join("tests/pillow_variants.py"))
+        .args([dir.path(), &model.join("ferry.toml")])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "tests/pillow_variants.py: {}", String::from_utf8_lossy(&made.stderr));
+    let images = dir.path().join("images");
+    let names = files(&images);
+    assert_eq!(names.len(), 17, "{names:?}");
+
+    // Decoding at full size, as Pillow does, two resamplers rounding to 8 bits differ by at most
+    // one level (CMYK goes through two CMYK-to-RGB conversions as well, each rounding once
+    // more). By default the large JPEG is decoded at 1/2 scale, which must stay close.
+    for (mode, flag, within) in [("full size", Some("--no-dct-scaling"), 1.0), ("default", None, 2.0)] {
+        let out = dir.path().join(mode);
+        let mut args = vec!["--model", model.to_str().unwrap(), "--input", images.to_str().unwrap()];
+        args.extend(["--output", out.to_str().unwrap()]);
+        args.extend(flag);
+        let o = transform(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        for name in &names {
+            let ours = levels(&out.join(format!("{name}.out")));
+            assert_eq!(ours.len(), 3 * 224 * 224, "{name}");
+            if name == "greyscale_16bit.png" {
+                // Pillow's conversion of 16-bit greyscale to RGB clips instead of scaling, so the
+                // reference is ferry's own result for the same image at 8 bits (each level × 257).
+                assert_eq!(ours, levels(&out.join("greyscale_8bit.png.out")), "{name}");
+                continue;
+            }
+            let bytes = std::fs::read(dir.path().join("pillow").join(format!("{name}.f32"))).unwrap();
+            let theirs: Vec<f32> =
+                bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) * 255.0).collect();
+            let diffs: Vec<f32> = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).collect();
+            let worst = diffs.iter().copied().fold(0.0, f32::max);
+            let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+            let allowed = if name == "cmyk.jpg" { 2.0 } else { within } + 1e-3;
+            assert!(worst <= allowed, "{mode} {name}: pixels differ from Pillow's by up to {worst} levels");
+            assert!(mean < 0.3, "{mode} {name}: pixels differ from Pillow's by {mean} levels on average");
+        }
+    }
+}
+
 #[test]
 fn bad_inputs_fail_alone_and_are_named() {
     let input = tempfile::tempdir().unwrap();
