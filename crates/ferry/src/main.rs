@@ -309,6 +309,13 @@ fn main() -> ExitCode {
             let config = args.into_config();
             match runtime.block_on(transform::run(config)) {
                 Ok(report) => summarise(&report),
+                Err(e @ transform::JobError::Report { .. }) => {
+                    if let transform::JobError::Report { report, .. } = &e {
+                        summarise(report);
+                    }
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
                 Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::from(2)

@@ -279,12 +279,17 @@ pub fn write_file(target: &std::path::Path, body: &[u8], fsync: bool) -> std::io
         }
         other => other?,
     };
-    std::io::Write::write_all(&mut file, body)?;
-    if fsync {
-        file.sync_data()?;
+    let written = std::io::Write::write_all(&mut file, body)
+        .and_then(|()| if fsync { file.sync_data() } else { Ok(()) })
+        .and_then(|()| {
+            drop(file);
+            std::fs::rename(&partial, target)
+        });
+    if written.is_err() {
+        // A full disk, say: what was staged is useless, and the space is better given back.
+        let _ = std::fs::remove_file(&partial);
     }
-    drop(file);
-    std::fs::rename(&partial, target)
+    written
 }
 
 #[cfg(test)]
@@ -298,6 +303,21 @@ mod tests {
             url: format!("mem://{prefix}"),
             local: None,
         }
+    }
+
+    #[test]
+    fn a_write_that_fails_leaves_nothing_staged() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("a.jpg.out");
+        write_file(&target, b"first", false).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"first");
+        // The rename fails: a non-empty folder is in the way.
+        let blocked = dir.path().join("b.jpg.out");
+        std::fs::create_dir_all(blocked.join("inside")).unwrap();
+        assert!(write_file(&blocked, b"second", false).is_err());
+        let mut left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        left.sort();
+        assert_eq!(left, ["a.jpg.out", "b.jpg.out"]);
     }
 
     #[test]

@@ -170,13 +170,15 @@ pub enum JobError {
     /// A configuration value out of range.
     #[error("{0}")]
     Config(String),
-    /// The report could not be written.
+    /// The job ran, but its report could not be written; the report is here to be shown.
     #[error("writing the job report to {path}: {reason}")]
     Report {
         /// Where.
         path: String,
         /// Why.
         reason: String,
+        /// What the job did.
+        report: Box<JobReport>,
     },
 }
 
@@ -764,8 +766,10 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
         },
         failures,
     };
-    write_report(&cfg, &output, &report).await?;
-    Ok(report)
+    match write_report(&cfg, &output, &report).await {
+        Ok(()) => Ok(report),
+        Err((path, reason)) => Err(JobError::Report { path, reason, report: Box::new(report) }),
+    }
 }
 
 /// Whether an object under the input prefix is one a job wrote: its outputs live under `exclude`
@@ -780,14 +784,16 @@ fn ours(parts: &[String], exclude: Option<&[String]>, suffix: &str) -> bool {
     }
 }
 
-async fn write_report(cfg: &JobConfig, output: &Location, report: &JobReport) -> Result<(), JobError> {
+/// Writes the report where `cfg` says; on failure, where and why.
+async fn write_report(cfg: &JobConfig, output: &Location, report: &JobReport) -> Result<(), (String, String)> {
     let body = serde_json::to_vec_pretty(report).expect("the report serialises");
     match &cfg.report {
-        Some(path) => crate::store::write_file(path, &body, cfg.fsync)
-            .map_err(|e| JobError::Report { path: path.display().to_string(), reason: e.to_string() }),
+        Some(path) => {
+            crate::store::write_file(path, &body, cfg.fsync).map_err(|e| (path.display().to_string(), e.to_string()))
+        }
         None => {
             let key = output.prefix.clone().join("_ferry").join("report.json");
-            output.write_whole(&key, body).await.map_err(|reason| JobError::Report { path: key.to_string(), reason })
+            output.write_whole(&key, body).await.map_err(|reason| (key.to_string(), reason))
         }
     }
 }

@@ -37,6 +37,21 @@ fn the_example_photos_are_classified_correctly() {
     assert!(report["runtime"].as_str().unwrap().contains("onnxruntime"));
 }
 
+#[test]
+fn a_report_that_cannot_be_written_leaves_the_summary_and_the_outputs() {
+    let out = tempfile::tempdir().unwrap();
+    let blocker = tempfile::NamedTempFile::new().unwrap();
+    // The report's folder would have to be a file that exists.
+    let report = blocker.path().join("report.json");
+    let o = example_job(out.path(), &["--top-k", "1", "--report", report.to_str().unwrap()]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("4 objects (4 written, 0 failed"), "the summary is still shown: {err}");
+    let line = err.lines().find(|l| l.starts_with("error: writing the job report")).unwrap_or_else(|| panic!("{err}"));
+    assert!(line.contains(report.to_str().unwrap()), "{line}");
+    assert_eq!(files(out.path()), ["astronaut.png.out", "chelsea.jpg.out", "coffee.png.out", "rocket.jpg.out"]);
+}
+
 /// Without `--max-batch-size`, a model call takes at most 2 records (see `DEFAULT_MAX_BATCH_SIZE`):
 /// one model thread that may wait two seconds to fill a batch runs the four photos in two calls.
 #[test]
