@@ -7,6 +7,9 @@ identity_512: returns its [N, 3, 512, 512] input unchanged, so a single image pr
 identity_224: the same at 224x224 behind ImageNet's geometry (short side 256, centre crop 224)
 without mean and std, so each output is a pre-processed pixel / 255 that can be compared with
 Pillow's.
+
+identity_224_batch1, identity_224_batch3: identity_224 with a fixed batch size instead of a
+dynamic one, as exports without a dynamic batch axis declare it.
 """
 import os
 
@@ -16,11 +19,11 @@ from onnx import TensorProto, helper
 here = os.path.dirname(os.path.abspath(__file__))
 
 
-def identity(name, side, toml):
+def identity(name, side, toml, batch="batch"):
     out = os.path.join(here, "..", "tests", "fixtures", name)
     os.makedirs(out, exist_ok=True)
-    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 3, side, side])
-    y = helper.make_tensor_value_info("same", TensorProto.FLOAT, ["batch", 3, side, side])
+    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [batch, 3, side, side])
+    y = helper.make_tensor_value_info("same", TensorProto.FLOAT, [batch, 3, side, side])
     graph = helper.make_graph([helper.make_node("Identity", ["pixels"], ["same"])], name, [x], [y])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
@@ -32,4 +35,7 @@ def identity(name, side, toml):
 
 
 identity("identity_512", 512, "[input]\nresize = [512, 512]\nscale = 255.0\n")
-identity("identity_224", 224, "[input]\nresize = 256\ncrop = [224, 224]\nscale = 255.0\n")
+imagenet_geometry = "[input]\nresize = 256\ncrop = [224, 224]\nscale = 255.0\n"
+identity("identity_224", 224, imagenet_geometry)
+identity("identity_224_batch1", 224, imagenet_geometry, batch=1)
+identity("identity_224_batch3", 224, imagenet_geometry, batch=3)

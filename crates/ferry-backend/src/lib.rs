@@ -185,6 +185,29 @@ pub struct ModelInfo {
     pub outputs: Vec<IoInfo>,
 }
 
+impl ModelInfo {
+    /// The batch size the first input declares, when it is a number rather than a dynamic axis
+    /// (an export without a dynamic batch axis declares 1). Such a model must be run on exactly
+    /// that many rows: see [`Tensor::pad_rows`].
+    pub fn fixed_batch(&self) -> Option<usize> {
+        self.inputs.first().and_then(|i| i.shape.first().copied().flatten()).filter(|&b| b > 0)
+    }
+}
+
+impl Tensor {
+    /// Makes a batch of `shape[0]` rows into one of `rows` rows, the new rows zeros, for a model
+    /// with a fixed batch size; the extra rows of its outputs are then ignored.
+    pub fn pad_rows(&mut self, rows: usize) {
+        let Some(&n) = self.shape.first() else { return };
+        if n == 0 || rows <= n {
+            return;
+        }
+        let len = self.data.len() / n;
+        self.data.resize(rows * len, 0.0);
+        self.shape[0] = rows;
+    }
+}
+
 /// Which runtime runs the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BackendKind {
@@ -379,6 +402,23 @@ mod tests {
         assert!(!io.accepts(&[7, 3, 224, 225]));
         assert!(!io.accepts(&[3, 224, 224]));
         assert_eq!(io.shape_string(), "[?, 3, 224, 224]");
+    }
+
+    #[test]
+    fn a_fixed_batch_is_read_and_filled_with_zero_rows() {
+        let io = |batch| IoInfo { name: "x".into(), dtype: "float".into(), shape: vec![batch, Some(2)] };
+        let info = |batch| ModelInfo { inputs: vec![io(batch)], outputs: vec![] };
+        assert_eq!(info(None).fixed_batch(), None);
+        assert_eq!(info(Some(1)).fixed_batch(), Some(1));
+        assert_eq!(info(Some(4)).fixed_batch(), Some(4));
+        let mut t = Tensor::new(vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]);
+        t.pad_rows(4);
+        assert_eq!(
+            (t.shape.as_slice(), t.data.as_slice()),
+            ([4, 2].as_slice(), [1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 0.0].as_slice())
+        );
+        t.pad_rows(3);
+        assert_eq!(t.shape, [4, 2], "never shrinks");
     }
 
     #[test]

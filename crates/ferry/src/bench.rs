@@ -60,7 +60,9 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, JobError> {
     let model = ferry_backend::load(&dir.onnx, &options)?;
     let model_hw = dir.input.declared_hw(model.info());
     let plan = ImagePlan::new(&dir.input, model_hw, u64::MAX)?;
-    let mut shape = vec![cfg.batch];
+    // A model with a fixed batch size runs at that size, as a job would run it.
+    let batch = model.info().fixed_batch().unwrap_or(cfg.batch);
+    let mut shape = vec![batch];
     shape.extend(plan.item_shape());
     ferry_backend::check_input(model.info(), &shape)?;
     let len: usize = shape.iter().product();
@@ -75,7 +77,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, JobError> {
     for _ in 0..cfg.threads {
         let mut backend = model.instance()?;
         let (input, records, stop, ready, batch) =
-            (input.clone(), records.clone(), stop.clone(), ready.clone(), cfg.batch as u64);
+            (input.clone(), records.clone(), stop.clone(), ready.clone(), batch as u64);
         handles.push(std::thread::spawn(move || -> Result<(), ferry_backend::BackendError> {
             let warm = backend.run(&input);
             ready.wait();
@@ -99,7 +101,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, JobError> {
     let records = records.load(Ordering::Relaxed);
     Ok(BenchReport {
         runtime: model.runtime(),
-        batch: cfg.batch,
+        batch,
         threads: cfg.threads,
         records,
         seconds,

@@ -337,6 +337,10 @@ struct Prepared {
     runtime: String,
     instances: Vec<Box<dyn Backend>>,
     plan: ImagePlan,
+    /// Records per model call, at most.
+    max_batch: usize,
+    /// The model's fixed batch size, to which every call is padded.
+    fixed_batch: Option<usize>,
     encoder: Encoder,
     sketch: Option<SketchWriter>,
 }
@@ -566,7 +570,21 @@ fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
     let info = model.info();
     let model_hw = dir.input.declared_hw(info);
     let plan = ImagePlan::new(&dir.input, model_hw, cfg.max_image_pixels)?.with_dct_scaling(cfg.dct_scaling);
-    let mut shape = vec![1];
+    let fixed_batch = info.fixed_batch();
+    let max_batch = match fixed_batch {
+        Some(b) if b != cfg.max_batch_size => {
+            let asked = cfg.max_batch_size;
+            match b {
+                1 => tracing::info!("the model's batch size is fixed at 1: one record per call, not {asked}"),
+                _ => tracing::info!(
+                    "the model's batch size is fixed at {b}: up to {b} records per call, not {asked}, a partial call padded"
+                ),
+            }
+            b
+        }
+        _ => cfg.max_batch_size,
+    };
+    let mut shape = vec![fixed_batch.unwrap_or(1)];
     shape.extend(plan.item_shape());
     ferry_backend::check_input(info, &shape)?;
     let output_names: Vec<String> = info.outputs.iter().map(|o| o.name.clone()).collect();
@@ -614,7 +632,7 @@ fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
             .map(|h| h.join().expect("creating a model instance panicked"))
             .collect::<Result<Vec<_>, _>>()
     })?;
-    Ok(Prepared { runtime: model.runtime(), instances, plan, encoder, sketch })
+    Ok(Prepared { runtime: model.runtime(), instances, plan, max_batch, fixed_batch, encoder, sketch })
 }
 
 fn load_profile(cfg: &JobConfig, dir: &ModelDir) -> Result<SketchProfile, JobError> {
@@ -821,13 +839,13 @@ async fn run_pipeline(
     skipped: usize,
 ) -> PipelineOutcome {
     let Places { input, output, sketches } = places;
-    let Prepared { runtime: _, instances, plan, encoder, sketch } = prepared;
+    let Prepared { runtime: _, instances, plan, max_batch, fixed_batch, encoder, sketch } = prepared;
     let encoder = Arc::new(encoder);
     let sketch = sketch.map(Arc::new);
     let (decode_tx, decode_rx) = async_channel::bounded::<DecodeJob>(cfg.decode_threads * 4);
-    let (infer_tx, infer_rx) = crossbeam_channel::bounded::<Decoded>(cfg.threads * cfg.max_batch_size * 2);
+    let (infer_tx, infer_rx) = crossbeam_channel::bounded::<Decoded>(cfg.threads * max_batch * 2);
     let (event_tx, event_rx) = async_channel::unbounded::<Event>();
-    let (pool_tx, pool_rx) = crossbeam_channel::bounded::<Vec<u8>>(cfg.threads * cfg.max_batch_size * 2);
+    let (pool_tx, pool_rx) = crossbeam_channel::bounded::<Vec<u8>>(cfg.threads * max_batch * 2);
 
     let mut threads = Vec::new();
     for i in 0..cfg.decode_threads {
@@ -847,7 +865,8 @@ async fn run_pipeline(
             events: event_tx.clone(),
             stats: stats.clone(),
             plan: plan.clone(),
-            max_batch: cfg.max_batch_size,
+            max_batch,
+            pad_to: fixed_batch,
             wait: cfg.batch_wait,
             pool: pool_tx.clone(),
         };
@@ -1193,12 +1212,14 @@ struct ModelThread {
     stats: Arc<Stats>,
     plan: ImagePlan,
     max_batch: usize,
+    /// Rows of every model call, for a model with a fixed batch size.
+    pad_to: Option<usize>,
     wait: Duration,
     pool: crossbeam_channel::Sender<Vec<u8>>,
 }
 
 fn infer_loop(mut backend: Box<dyn Backend>, t: ModelThread) {
-    let ModelThread { rx, events, stats, plan, max_batch, wait, pool } = t;
+    let ModelThread { rx, events, stats, plan, max_batch, pad_to, wait, pool } = t;
     let item_shape = plan.item_shape();
     let mut input = Tensor { shape: Vec::new(), data: Vec::new() };
     while let Ok(first) = rx.recv() {
@@ -1222,14 +1243,16 @@ fn infer_loop(mut backend: Box<dyn Backend>, t: ModelThread) {
         input.shape.clear();
         input.shape.push(n);
         input.shape.extend_from_slice(&item_shape);
+        let rows = pad_to.unwrap_or(n).max(n);
+        input.pad_rows(rows);
         let t = Instant::now();
         let result = backend.run(&input);
         Stats::add(&stats.infer_ns, t);
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.batch_items.fetch_add(n as u64, Ordering::Relaxed);
         let result = result.map_err(|e| e.to_string()).and_then(|outputs| {
-            match outputs.iter().find(|o| o.shape.first() != Some(&n)) {
-                Some(o) => Err(format!("the model returned shape {:?} for a batch of {n}", o.shape)),
+            match outputs.iter().find(|o| o.shape.first() != Some(&rows)) {
+                Some(o) => Err(format!("the model returned shape {:?} for a batch of {rows}", o.shape)),
                 None => Ok(outputs),
             }
         });

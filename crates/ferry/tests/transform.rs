@@ -198,6 +198,50 @@ fn preprocessing_matches_pillow_across_encodings_from_another_writer() {
 }
 
 #[test]
+fn models_with_a_fixed_batch_size_get_exactly_that_many_rows() {
+    // An export without a dynamic batch axis declares 1; some declare more. A call must have
+    // exactly that many rows whatever --max-batch-size says: more records wait for the next
+    // call, fewer are padded, and the padding never reaches an output.
+    let job = |fixture: &str, backend: &str, out: &std::path::Path| {
+        let model = repo().join("tests/fixtures").join(fixture);
+        let input = examples();
+        let o = transform(&[
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--backend",
+            backend,
+            "--threads",
+            "1",
+            "--max-batch-size",
+            "2",
+            "--batch-wait-ms",
+            "2000",
+        ]);
+        assert!(o.status.success(), "{fixture} on {backend}: {}", stderr(&o));
+        json(&out.join("_ferry/report.json"))
+    };
+    let dynamic = tempfile::tempdir().unwrap();
+    job("identity_224", "ort", dynamic.path());
+    let names = ["astronaut.png.out", "chelsea.jpg.out", "coffee.png.out", "rocket.jpg.out"];
+    for backend in ["ort", "tract"] {
+        for (fixture, batches) in [("identity_224_batch1", 4), ("identity_224_batch3", 2)] {
+            let out = tempfile::tempdir().unwrap();
+            let report = job(fixture, backend, out.path());
+            assert_eq!(report["batches"], batches, "{fixture} on {backend}: {report}");
+            assert_eq!(report["records"], 4, "{fixture} on {backend}: {report}");
+            for name in names {
+                let (a, b) = (std::fs::read(dynamic.path().join(name)), std::fs::read(out.path().join(name)));
+                assert!(a.unwrap() == b.unwrap(), "{fixture} on {backend}: {name} differs from the dynamic model's");
+            }
+        }
+    }
+}
+
+#[test]
 fn bad_inputs_fail_alone_and_are_named() {
     let input = tempfile::tempdir().unwrap();
     let good = std::fs::read(examples().join("chelsea.jpg")).unwrap();

@@ -105,7 +105,8 @@ pub async fn run(cfg: FitConfig) -> Result<FitOutcome, String> {
         .collect()
         .await;
 
-    let batch = cfg.batch.max(1);
+    let fixed_batch = info.fixed_batch();
+    let batch = fixed_batch.unwrap_or(cfg.batch.max(1));
     let labels = dir.labels.clone();
     let settings = cfg.settings.clone();
     let (profile, skipped) = tokio::task::spawn_blocking(move || -> Result<_, String> {
@@ -123,6 +124,7 @@ pub async fn run(cfg: FitConfig) -> Result<FitOutcome, String> {
                 return Ok(());
             }
             input.shape = std::iter::once(*pending).chain(plan.item_shape()).collect();
+            input.pad_rows(fixed_batch.unwrap_or(0));
             let out = backend.run(input).map_err(|e| e.to_string())?;
             for i in 0..*pending {
                 features.push(out[fi].row(i).to_vec());
