@@ -10,6 +10,9 @@ Pillow's.
 
 identity_224_batch1, identity_224_batch3: identity_224 with a fixed batch size instead of a
 dynamic one, as exports without a dynamic batch axis declare it.
+
+identity_nhwc_224: a bare model taking [N, 224, 224, 3], channels last as TensorFlow exports
+declare it, without a ferry.toml to say so.
 """
 import os
 
@@ -19,18 +22,20 @@ from onnx import TensorProto, helper
 here = os.path.dirname(os.path.abspath(__file__))
 
 
-def identity(name, side, toml, batch="batch"):
+def identity(name, side, toml, batch="batch", channels_last=False):
     out = os.path.join(here, "..", "tests", "fixtures", name)
     os.makedirs(out, exist_ok=True)
-    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [batch, 3, side, side])
-    y = helper.make_tensor_value_info("same", TensorProto.FLOAT, [batch, 3, side, side])
+    shape = [batch, side, side, 3] if channels_last else [batch, 3, side, side]
+    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, shape)
+    y = helper.make_tensor_value_info("same", TensorProto.FLOAT, shape)
     graph = helper.make_graph([helper.make_node("Identity", ["pixels"], ["same"])], name, [x], [y])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.checker.check_model(model)
     onnx.save(model, os.path.join(out, "model.onnx"))
-    with open(os.path.join(out, "ferry.toml"), "w") as f:
-        f.write(toml)
+    if toml:
+        with open(os.path.join(out, "ferry.toml"), "w") as f:
+            f.write(toml)
     print("wrote", os.path.normpath(out))
 
 
@@ -39,3 +44,4 @@ imagenet_geometry = "[input]\nresize = 256\ncrop = [224, 224]\nscale = 255.0\n"
 identity("identity_224", 224, imagenet_geometry)
 identity("identity_224_batch1", 224, imagenet_geometry, batch=1)
 identity("identity_224_batch3", 224, imagenet_geometry, batch=3)
+identity("identity_nhwc_224", 224, None, channels_last=True)

@@ -58,8 +58,8 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, JobError> {
         instances: cfg.threads,
     };
     let model = ferry_backend::load(&dir.onnx, &options)?;
-    let model_hw = dir.input.declared_hw(model.info());
-    let plan = ImagePlan::new(&dir.input, model_hw, u64::MAX)?;
+    let input = dir.input.for_model(model.info());
+    let plan = ImagePlan::new(&input, input.declared_hw(model.info()), u64::MAX)?;
     // A model with a fixed batch size runs at that size, as a job would run it.
     let batch = model.info().fixed_batch().unwrap_or(cfg.batch);
     let mut shape = vec![batch];

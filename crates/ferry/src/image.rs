@@ -129,7 +129,7 @@ impl ImagePlan {
             crop: spec.crop.map(|[h, w]| (w, h)),
             lut,
             channels: spec.channels,
-            layout: spec.layout,
+            layout: spec.layout.unwrap_or_default(),
             max_pixels,
             dct_scaling: true,
             partial: true,
@@ -498,7 +498,7 @@ mod tests {
             let plane = &out[c * 224 * 224..(c + 1) * 224 * 224];
             assert!(plane.iter().all(|v| (v - e).abs() < 1e-5), "channel {c}");
         }
-        let spec = ImageInput { layout: Layout::Nhwc, channels: Channels::Bgr, ..imagenet() };
+        let spec = ImageInput { layout: Some(Layout::Nhwc), channels: Channels::Bgr, ..imagenet() };
         let mut d = ImageDecoder::new(ImagePlan::new(&spec, None, 1 << 28).unwrap());
         d.decode(&bytes, &mut out).unwrap();
         assert!((out[0] - ((128.0 / 255.0 - 0.406) / 0.225)).abs() < 1e-5, "BGR puts blue first");

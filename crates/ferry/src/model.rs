@@ -48,9 +48,9 @@ pub struct ImageInput {
     /// Channel order the model expects.
     #[serde(default)]
     pub channels: Channels,
-    /// Tensor layout the model expects.
+    /// Tensor layout the model expects; absent, read from the model (see [`ImageInput::for_model`]).
     #[serde(default)]
-    pub layout: Layout,
+    pub layout: Option<Layout>,
 }
 
 impl Default for ImageInput {
@@ -62,15 +62,26 @@ impl Default for ImageInput {
             mean: zeros(),
             std: ones(),
             channels: Channels::default(),
-            layout: Layout::default(),
+            layout: None,
         }
     }
 }
 
 impl ImageInput {
+    /// This pre-processing with its layout settled for `info`'s input: as written, else channels
+    /// last when the input's last axis is 3 and its second is not (`[N, 224, 224, 3]`, as
+    /// TensorFlow exports declare it), else channels first.
+    pub fn for_model(&self, info: &ferry_backend::ModelInfo) -> Self {
+        let inferred = match info.inputs.first().map(|i| i.shape.as_slice()) {
+            Some([_, c, _, Some(3)]) if *c != Some(3) => Layout::Nhwc,
+            _ => Layout::Nchw,
+        };
+        Self { layout: Some(self.layout.unwrap_or(inferred)), ..self.clone() }
+    }
+
     /// The height and width the model's first input declares for this layout, when both are fixed.
     pub fn declared_hw(&self, info: &ferry_backend::ModelInfo) -> Option<(u32, u32)> {
-        info.inputs.first().and_then(|i| match (self.layout, i.shape.as_slice()) {
+        info.inputs.first().and_then(|i| match (self.layout.unwrap_or_default(), i.shape.as_slice()) {
             (Layout::Nchw, [_, _, Some(h), Some(w)]) | (Layout::Nhwc, [_, Some(h), Some(w), _]) => {
                 Some((*h as u32, *w as u32))
             }
@@ -215,7 +226,7 @@ mod tests {
         assert_eq!(m.input.resize, Some(Resize::ShortSide(256)));
         assert_eq!(m.input.crop, Some([224, 224]));
         assert_eq!(m.input.channels, Channels::Bgr);
-        assert_eq!(m.input.layout, Layout::Nhwc);
+        assert_eq!(m.input.layout, Some(Layout::Nhwc));
         assert_eq!(m.output.name.as_deref(), Some("prob"));
         assert!(m.output.softmax);
         assert_eq!(m.labels, Some(vec!["cat".to_string(), "dog".to_string()]));
@@ -228,6 +239,23 @@ mod tests {
         std::fs::write(dir.path().join("ferry.toml"), "[input]\nresise = 256\n").unwrap();
         let err = ModelDir::open(dir.path()).unwrap_err().to_string();
         assert!(err.contains("ferry.toml") && err.contains("resise"), "{err}");
+    }
+
+    #[test]
+    fn an_unwritten_layout_is_read_from_the_model() {
+        let info = |shape: Vec<Option<usize>>| ferry_backend::ModelInfo {
+            inputs: vec![ferry_backend::IoInfo { name: "x".into(), dtype: "float".into(), shape }],
+            outputs: vec![],
+        };
+        let layout = |input: &ImageInput, shape| input.for_model(&info(shape)).layout;
+        let unwritten = ImageInput::default();
+        assert_eq!(layout(&unwritten, vec![None, Some(3), Some(224), Some(224)]), Some(Layout::Nchw));
+        assert_eq!(layout(&unwritten, vec![None, Some(224), Some(224), Some(3)]), Some(Layout::Nhwc));
+        assert_eq!(layout(&unwritten, vec![None, None, None, Some(3)]), Some(Layout::Nhwc));
+        assert_eq!(layout(&unwritten, vec![None, Some(3), None, None]), Some(Layout::Nchw));
+        assert_eq!(layout(&unwritten, vec![None, Some(3), Some(3), Some(3)]), Some(Layout::Nchw));
+        let written = ImageInput { layout: Some(Layout::Nchw), ..ImageInput::default() };
+        assert_eq!(layout(&written, vec![None, Some(224), Some(224), Some(3)]), Some(Layout::Nchw));
     }
 
     #[test]

@@ -568,8 +568,8 @@ fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
     };
     let model = ferry_backend::load(&dir.onnx, &options)?;
     let info = model.info();
-    let model_hw = dir.input.declared_hw(info);
-    let plan = ImagePlan::new(&dir.input, model_hw, cfg.max_image_pixels)?.with_dct_scaling(cfg.dct_scaling);
+    let input = dir.input.for_model(info);
+    let plan = ImagePlan::new(&input, input.declared_hw(info), cfg.max_image_pixels)?.with_dct_scaling(cfg.dct_scaling);
     let fixed_batch = info.fixed_batch();
     let max_batch = match fixed_batch {
         Some(b) if b != cfg.max_batch_size => {

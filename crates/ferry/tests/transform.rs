@@ -242,6 +242,30 @@ fn models_with_a_fixed_batch_size_get_exactly_that_many_rows() {
 }
 
 #[test]
+fn a_bare_channels_last_model_is_fed_channels_last() {
+    // No ferry.toml says so: [N, 224, 224, 3] is read from the model, as TensorFlow exports
+    // declare it. The same pixels as a channels-first model's, transposed.
+    let job = |model: std::path::PathBuf, out: &std::path::Path| {
+        let input = examples();
+        let args = ["--model", model.to_str().unwrap(), "--input", input.to_str().unwrap()];
+        let o = transform(&[&args[..], &["--output", out.to_str().unwrap()]].concat());
+        assert!(o.status.success(), "{}: {}", model.display(), stderr(&o));
+    };
+    let (first, last) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    job(repo().join("tests/fixtures/identity_224/model.onnx"), first.path());
+    job(repo().join("tests/fixtures/identity_nhwc_224"), last.path());
+    for name in ["astronaut.png.out", "chelsea.jpg.out"] {
+        let (a, b) = (json(&first.path().join(name)), json(&last.path().join(name)));
+        let (chw, hwc) = (&a["predictions"][0], &b["predictions"][0]);
+        assert_eq!(hwc.as_array().unwrap().len(), 224);
+        assert_eq!(hwc[0][0].as_array().unwrap().len(), 3);
+        for (y, x, c) in (0..224).flat_map(|y| (0..224).flat_map(move |x| (0..3).map(move |c| (y, x, c)))) {
+            assert_eq!(chw[c][y][x], hwc[y][x][c], "{name} at ({y}, {x}) channel {c}");
+        }
+    }
+}
+
+#[test]
 fn bad_inputs_fail_alone_and_are_named() {
     let input = tempfile::tempdir().unwrap();
     let good = std::fs::read(examples().join("chelsea.jpg")).unwrap();
