@@ -597,6 +597,19 @@ fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
         Some(name) => position(name)?,
         None => 0,
     };
+    if let (Some(labels), Some(classes)) =
+        (&dir.labels, info.outputs.get(score_output).and_then(|o| o.shape.last().copied().flatten()))
+    {
+        if labels.len() != classes {
+            // Labels go by position, so one missing or extra line (a background class) shifts
+            // every name after it.
+            tracing::warn!(
+                "labels.txt has {} names but output {:?} has {classes} classes: check that line i names class i",
+                labels.len(),
+                output_names[score_output]
+            );
+        }
+    }
     // Features feed sketches, never the predictions. Without sketches an undeclared features
     // tensor is simply not computed.
     let mut hidden: Vec<usize> =

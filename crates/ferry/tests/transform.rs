@@ -266,6 +266,26 @@ fn a_bare_channels_last_model_is_fed_channels_last() {
 }
 
 #[test]
+fn labels_that_do_not_match_the_classes_are_warned_about() {
+    let model = tempfile::tempdir().unwrap();
+    for f in ["model.onnx", "ferry.toml"] {
+        std::fs::copy(mobilenet().join(f), model.path().join(f)).unwrap();
+    }
+    let labels = std::fs::read_to_string(mobilenet().join("labels.txt")).unwrap();
+    let short: Vec<&str> = labels.lines().skip(1).collect();
+    std::fs::write(model.path().join("labels.txt"), short.join("\n")).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let (m, i) = (model.path().to_str().unwrap(), examples());
+    let o = transform(&["--model", m, "--input", i.to_str().unwrap(), "--output", out.path().to_str().unwrap()]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("labels.txt has 999 names but output \"logits\" has 1000 classes"), "{err}");
+    let out = tempfile::tempdir().unwrap();
+    let o = example_job(out.path(), &[]);
+    assert!(!stderr(&o).contains("labels.txt has"), "the shipped model's labels fit: {}", stderr(&o));
+}
+
+#[test]
 fn bad_inputs_fail_alone_and_are_named() {
     let input = tempfile::tempdir().unwrap();
     let good = std::fs::read(examples().join("chelsea.jpg")).unwrap();
