@@ -200,6 +200,24 @@ impl Location {
         self.local.is_some()
     }
 
+    /// What to add to an error from this store when the environment holds no credentials: the
+    /// AWS client then asks the instance metadata service, and its error names that, not the
+    /// missing variables. Empty otherwise.
+    pub fn credentials_hint(&self) -> &'static str {
+        const SOURCES: [&str; 5] = [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+            "AWS_SKIP_SIGNATURE",
+        ];
+        if self.is_local() || SOURCES.iter().any(|v| std::env::var_os(v).is_some()) {
+            return "";
+        }
+        " (no AWS credentials are set: give AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a web identity token, \
+         or AWS_SKIP_SIGNATURE=true for a public bucket; without them the instance metadata service is asked)"
+    }
+
     /// `key` relative to this location's prefix, as its parts.
     pub fn relative(&self, key: &Path) -> Option<Vec<String>> {
         key.prefix_match(&self.prefix).map(|parts| parts.map(|p| p.as_ref().to_string()).collect())

@@ -160,12 +160,14 @@ pub enum JobError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// Listing failed (unreachable store, bad credentials, missing bucket).
-    #[error("listing {url}: {source}")]
+    #[error("listing {url}: {source}{hint}")]
     List {
         /// The location.
         url: String,
         /// The store's error.
         source: object_store::Error,
+        /// What may be missing ([`Location::credentials_hint`]).
+        hint: &'static str,
     },
     /// A configuration value out of range.
     #[error("{0}")]
@@ -666,8 +668,11 @@ fn load_profile(cfg: &JobConfig, dir: &ModelDir) -> Result<SketchProfile, JobErr
 
 /// Every key under a location, and what of it could not be listed, as failures.
 async fn list(location: &Location) -> Result<(Vec<Path>, Vec<Failure>), JobError> {
-    let (keys, unlisted) =
-        location.list_keys().await.map_err(|source| JobError::List { url: location.url.clone(), source })?;
+    let (keys, unlisted) = location.list_keys().await.map_err(|source| JobError::List {
+        url: location.url.clone(),
+        source,
+        hint: location.credentials_hint(),
+    })?;
     let unlisted = unlisted.into_iter().map(|(object, reason)| Failure { object, record: None, reason }).collect();
     Ok((keys, unlisted))
 }

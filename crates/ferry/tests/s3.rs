@@ -160,6 +160,35 @@ fn transform_reads_and_writes_s3() {
 }
 
 #[test]
+fn missing_credentials_are_named() {
+    let s = server();
+    let mut c = ferry();
+    for (k, v) in s.env.iter().filter(|(k, _)| k != "AWS_ACCESS_KEY_ID" && k != "AWS_SECRET_ACCESS_KEY") {
+        c.env(k, v);
+    }
+    for k in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_SKIP_SIGNATURE",
+    ] {
+        c.env_remove(k);
+    }
+    let input = format!("s3://{}/nothing-here/", s.bucket);
+    let out = tempfile::tempdir().unwrap();
+    let o = c
+        .args(["transform", "--model", mobilenet().to_str().unwrap(), "--input", &input])
+        .args(["--output", out.path().to_str().unwrap(), "--max-retries", "0"])
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains(&format!("listing {input}")) && err.contains("no AWS credentials are set"), "{err}");
+}
+
+#[test]
 fn a_large_output_is_uploaded_in_parts() {
     let s = server();
     let store = s.store();

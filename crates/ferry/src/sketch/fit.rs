@@ -87,7 +87,8 @@ pub async fn run(cfg: FitConfig) -> Result<FitOutcome, String> {
     let plan = ImagePlan::new(&image_input, image_input.declared_hw(&info), 178_956_970).map_err(|e| e.to_string())?;
 
     let input = Location::open(&cfg.input, false, cfg.max_retries).map_err(|e| e.to_string())?;
-    let (mut keys, unlisted) = input.list_keys().await.map_err(|e| format!("listing {}: {e}", input.url))?;
+    let (mut keys, unlisted) =
+        input.list_keys().await.map_err(|e| format!("listing {}: {e}{}", input.url, input.credentials_hint()))?;
     keys.sort();
     if keys.len() > cfg.limit {
         let n = keys.len();

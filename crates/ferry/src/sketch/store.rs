@@ -200,9 +200,9 @@ impl SketchSet {
     pub async fn load(url: &str, max_retries: usize) -> Result<SketchSet, String> {
         let set = Location::open(url, false, max_retries).map_err(|e| e.to_string())?;
         let pkey = profile_key(&set);
-        let text = get_bytes(set.store.as_ref(), &pkey)
-            .await
-            .map_err(|e| format!("{url}: no sketch profile at {pkey} ({e}); is this a sketch set?"))?;
+        let text = get_bytes(set.store.as_ref(), &pkey).await.map_err(|e| {
+            format!("{url}: no sketch profile at {pkey} ({e}{}); is this a sketch set?", set.credentials_hint())
+        })?;
         let profile = SketchProfile::from_json(&text).map_err(|e| format!("{pkey}: {e}"))?;
         let metas: Vec<_> =
             set.store.list(Some(&set.prefix)).try_collect().await.map_err(|e| format!("listing {url}: {e}"))?;
