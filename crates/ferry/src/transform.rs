@@ -573,19 +573,7 @@ fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
     let input = dir.input.for_model(info);
     let plan = ImagePlan::new(&input, input.declared_hw(info), cfg.max_image_pixels)?.with_dct_scaling(cfg.dct_scaling);
     let fixed_batch = info.fixed_batch();
-    let max_batch = match fixed_batch {
-        Some(b) if b != cfg.max_batch_size => {
-            let asked = cfg.max_batch_size;
-            match b {
-                1 => tracing::info!("the model's batch size is fixed at 1: one record per call, not {asked}"),
-                _ => tracing::info!(
-                    "the model's batch size is fixed at {b}: up to {b} records per call, not {asked}, a partial call padded"
-                ),
-            }
-            b
-        }
-        _ => cfg.max_batch_size,
-    };
+    let max_batch = records_per_call(fixed_batch, cfg.max_batch_size);
     let mut shape = vec![fixed_batch.unwrap_or(1)];
     shape.extend(plan.item_shape());
     ferry_backend::check_input(info, &shape)?;
@@ -599,18 +587,8 @@ fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
         Some(name) => position(name)?,
         None => 0,
     };
-    if let (Some(labels), Some(classes)) =
-        (&dir.labels, info.outputs.get(score_output).and_then(|o| o.shape.last().copied().flatten()))
-    {
-        if labels.len() != classes {
-            // Labels go by position, so one missing or extra line (a background class) shifts
-            // every name after it.
-            tracing::warn!(
-                "labels.txt has {} names but output {:?} has {classes} classes: check that line i names class i",
-                labels.len(),
-                output_names[score_output]
-            );
-        }
+    if let (Some(labels), Some(scores)) = (&dir.labels, info.outputs.get(score_output)) {
+        check_labels(labels, scores);
     }
     // Features feed sketches, never the predictions. Without sketches an undeclared features
     // tensor is simply not computed.
@@ -648,6 +626,34 @@ fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
             .collect::<Result<Vec<_>, _>>()
     })?;
     Ok(Prepared { runtime: model.runtime(), instances, plan, max_batch, fixed_batch, encoder, sketch })
+}
+
+/// At most `asked` records per model call, or exactly the model's fixed batch size, saying so.
+fn records_per_call(fixed: Option<usize>, asked: usize) -> usize {
+    match fixed {
+        Some(1) if asked != 1 => {
+            tracing::info!("the model's batch size is fixed at 1: one record per call, not {asked}")
+        }
+        Some(b) if b != asked => tracing::info!(
+            "the model's batch size is fixed at {b}: up to {b} records per call, not {asked}, a partial call padded"
+        ),
+        _ => {}
+    }
+    fixed.unwrap_or(asked)
+}
+
+/// Warns when `labels` cannot name the classes of `scores` one for one. Labels go by position,
+/// so one missing or extra line (a background class) shifts every name after it.
+fn check_labels(labels: &[String], scores: &ferry_backend::IoInfo) {
+    if let Some(classes) = scores.shape.last().copied().flatten() {
+        if labels.len() != classes {
+            tracing::warn!(
+                "labels.txt has {} names but output {:?} has {classes} classes: check that line i names class i",
+                labels.len(),
+                scores.name
+            );
+        }
+    }
 }
 
 fn load_profile(cfg: &JobConfig, dir: &ModelDir) -> Result<SketchProfile, JobError> {
