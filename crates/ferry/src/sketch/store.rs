@@ -6,7 +6,9 @@
 //! has its sketches and a rerun needs no extra bookkeeping; a job killed between the two redoes
 //! those objects and writes their (identical) rows again, which readers drop. The vector is a
 //! Parquet `LIST<FLOAT>`, which DuckDB (`read_parquet('set/*.parquet')`), Polars and pandas read
-//! as a list column; an erased set simply has shorter lists.
+//! as a list column; an erased set simply has shorter lists. Sets those tools filter or compact
+//! come back compressed and reshaped, so the reader finds columns by name and reads the usual
+//! codecs, while ferry's own parts stay uncompressed (random floats do not compress).
 
 use std::sync::Arc;
 
@@ -137,24 +139,35 @@ pub fn write_parquet(rows: &[SketchRow], profile: &SketchProfile) -> Result<Vec<
     Ok(out)
 }
 
-/// The rows of one Parquet file.
-pub fn read_parquet(bytes: Bytes) -> Result<Vec<SketchRow>, String> {
+/// The rows of one Parquet file, its columns found by name, so that a set another tool rewrote
+/// (columns reordered, `seed` and `d` dropped, records as 32-bit integers) still reads; rows
+/// without `seed` or `d` take `seed` and `d`, the profile's.
+pub fn read_parquet(bytes: Bytes, seed: u64, d: usize) -> Result<Vec<SketchRow>, String> {
     let reader = SerializedFileReader::new(bytes).map_err(|e| e.to_string())?;
+    let names: Vec<String> =
+        reader.metadata().file_metadata().schema().get_fields().iter().map(|f| f.name().to_string()).collect();
+    let find = |name: &str| names.iter().position(|n| n == name);
+    let need = |name: &str| find(name).ok_or_else(|| format!("no column {name:?} (the file has {names:?})"));
+    let (key_at, record_at, sketch_at) = (need("key")?, need("record")?, need("sketch")?);
+    let (seed_at, d_at) = (find("seed"), find("d"));
+    let err = |what: &str, e: parquet::errors::ParquetError| format!("column {what}: {e}");
+    let integer = |row: &parquet::record::Row, i: usize, what: &str| {
+        row.get_long(i).or_else(|_| row.get_int(i).map(i64::from)).map_err(|e| err(what, e))
+    };
     let mut rows = Vec::new();
     for row in reader.get_row_iter(None).map_err(|e| e.to_string())? {
         let row = row.map_err(|e| e.to_string())?;
-        let err = |what: &str, e: parquet::errors::ParquetError| format!("column {what}: {e}");
-        let list = row.get_list(2).map_err(|e| err("sketch", e))?;
+        let list = row.get_list(sketch_at).map_err(|e| err("sketch", e))?;
         let sketch = (0..list.len())
-            .map(|i| list.get_float(i))
+            .map(|i| list.get_float(i).or_else(|_| list.get_double(i).map(|v| v as f32)))
             .collect::<Result<Vec<f32>, _>>()
             .map_err(|e| err("sketch", e))?;
         rows.push(SketchRow {
-            key: row.get_string(0).map_err(|e| err("key", e))?.clone(),
-            record: row.get_long(1).map_err(|e| err("record", e))?,
+            key: row.get_string(key_at).map_err(|e| err("key", e))?.clone(),
+            record: integer(&row, record_at, "record")?,
             sketch,
-            seed: row.get_long(3).map_err(|e| err("seed", e))? as u64,
-            d: row.get_int(4).map_err(|e| err("d", e))? as usize,
+            seed: seed_at.map_or(Ok(seed), |i| integer(&row, i, "seed").map(|v| v as u64))?,
+            d: d_at.map_or(Ok(d), |i| integer(&row, i, "d").map(|v| v as usize))?,
         });
     }
     Ok(rows)
@@ -209,12 +222,13 @@ impl SketchSet {
         let keys: Vec<Path> =
             metas.into_iter().map(|m| m.location).filter(|p| p.as_ref().ends_with(".parquet")).collect();
         let store = set.store.clone();
+        let (seed, d) = (profile.seed, profile.d);
         let mut rows: Vec<SketchRow> = futures::stream::iter(keys)
             .map(|key| {
                 let store = store.clone();
                 async move {
                     let bytes = get_bytes(store.as_ref(), &key).await.map_err(|e| format!("{key}: {e}"))?;
-                    read_parquet(bytes).map_err(|e| format!("{key}: {e}"))
+                    read_parquet(bytes, seed, d).map_err(|e| format!("{key}: {e}"))
                 }
             })
             .buffer_unordered(32)
@@ -264,6 +278,6 @@ mod tests {
             SketchRow { key: "a/b.jpg".into(), record: 1, sketch: vec![0.5, 0.25], seed: 9, d: 4 },
         ];
         let bytes = write_parquet(&rows, &profile).unwrap();
-        assert_eq!(read_parquet(Bytes::from(bytes)).unwrap(), rows);
+        assert_eq!(read_parquet(Bytes::from(bytes), 0, 0).unwrap(), rows);
     }
 }
