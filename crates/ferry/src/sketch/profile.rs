@@ -394,6 +394,16 @@ impl SketchProfile {
         }
         self.modules.iter().enumerate().filter(|(_, m)| m.as_str() == name).map(|(i, _)| i as u32).collect()
     }
+
+    /// Up to `n` module names (the image excluded) that contain `name` ignoring case, quoted, for
+    /// a query that named none exactly.
+    pub fn modules_like(&self, name: &str, n: usize) -> Vec<String> {
+        let want = name.to_lowercase();
+        let mut like: Vec<&String> = self.modules.iter().skip(1).filter(|m| m.to_lowercase().contains(&want)).collect();
+        // An exact match but for case first, then the shortest (the closest) names.
+        like.sort_by_key(|m| (m.to_lowercase() != want, m.len()));
+        like.into_iter().take(n).map(|m| format!("{m:?}")).collect()
+    }
 }
 
 /// `v / scale`, clipped to the unit ball.
@@ -554,6 +564,16 @@ mod tests {
             .collect();
         let labels = (0..10).map(|i| format!("c{i}")).collect();
         fit_profile(&features, labels, &FitSettings::default(), "f".into(), "s".into(), Vec::new()).unwrap()
+    }
+
+    #[test]
+    fn a_name_that_is_not_a_module_gets_the_names_like_it() {
+        let mut p = profile();
+        p.modules = ["image", "tabby", "tiger cat", "Persian cat", "cat"].map(String::from).to_vec();
+        assert_eq!(p.modules_like("CAT", 3), ["\"cat\"", "\"tiger cat\"", "\"Persian cat\""]);
+        assert_eq!(p.modules_like("persian", 5), ["\"Persian cat\""]);
+        assert!(p.modules_like("image", 5).is_empty(), "the image is not a class");
+        assert!(p.modules_like("zebra", 5).is_empty());
     }
 
     #[test]

@@ -105,9 +105,11 @@ impl Queries {
     pub fn class_stats(&self, module: &str, prefix: &str) -> Result<ClassStats, String> {
         let ids = self.set.profile.modules_named(module);
         if ids.is_empty() || ids.contains(&IMAGE_MODULE) {
+            let near = self.set.profile.modules_like(module, 5);
+            let hint = if near.is_empty() { String::new() } else { format!("; did you mean {}?", near.join(", ")) };
             return Err(format!(
                 "{module:?} is not a module of this sketch set (a label from the model's labels.txt or class:N; \
-                 for the stages recipe, <stage>:cNN)"
+                 for the stages recipe, <stage>:cNN){hint}"
             ));
         }
         let rows: Vec<&SketchRow> = self.set.rows.iter().filter(|r| r.key.starts_with(prefix)).collect();
