@@ -58,8 +58,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, JobError> {
         instances: cfg.threads,
     };
     let model = ferry_backend::load(&dir.onnx, &options)?;
-    let input = dir.input.for_model(model.info());
-    let plan = ImagePlan::new(&input, input.declared_hw(model.info()), u64::MAX)?;
+    let plan = ImagePlan::for_model(&dir.input, model.info(), u64::MAX)?;
     // A model with a fixed batch size runs at that size, as a job would run it.
     let batch = model.info().fixed_batch().unwrap_or(cfg.batch);
     let mut shape = vec![batch];

@@ -80,6 +80,14 @@ struct Geometry {
 }
 
 impl ImagePlan {
+    /// The plan for `spec` feeding the model `info` describes: the layout settled from the model
+    /// when `spec` does not give it ([`ImageInput::for_model`]), and the model's declared height
+    /// and width used when `spec` gives no size of its own.
+    pub fn for_model(spec: &ImageInput, info: &ferry_backend::ModelInfo, max_pixels: u64) -> Result<Self, PlanError> {
+        let spec = spec.for_model(info);
+        Self::new(&spec, spec.declared_hw(info), max_pixels)
+    }
+
     /// Builds the plan for `spec`; `model_hw` is the model's input height and width when the model
     /// declares them, used when `spec` gives no size of its own.
     pub fn new(spec: &ImageInput, model_hw: Option<(u32, u32)>, max_pixels: u64) -> Result<Self, PlanError> {

@@ -339,8 +339,6 @@ struct Prepared {
     runtime: String,
     instances: Vec<Box<dyn Backend>>,
     plan: ImagePlan,
-    /// Records per model call, at most.
-    max_batch: usize,
     /// The model's fixed batch size, to which every call is padded.
     fixed_batch: Option<usize>,
     encoder: Encoder,
@@ -570,10 +568,8 @@ fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
     };
     let model = ferry_backend::load(&dir.onnx, &options)?;
     let info = model.info();
-    let input = dir.input.for_model(info);
-    let plan = ImagePlan::new(&input, input.declared_hw(info), cfg.max_image_pixels)?.with_dct_scaling(cfg.dct_scaling);
+    let plan = ImagePlan::for_model(&dir.input, info, cfg.max_image_pixels)?.with_dct_scaling(cfg.dct_scaling);
     let fixed_batch = info.fixed_batch();
-    let max_batch = records_per_call(fixed_batch, cfg.max_batch_size);
     let mut shape = vec![fixed_batch.unwrap_or(1)];
     shape.extend(plan.item_shape());
     ferry_backend::check_input(info, &shape)?;
@@ -625,7 +621,7 @@ fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
             .map(|h| h.join().expect("creating a model instance panicked"))
             .collect::<Result<Vec<_>, _>>()
     })?;
-    Ok(Prepared { runtime: model.runtime(), instances, plan, max_batch, fixed_batch, encoder, sketch })
+    Ok(Prepared { runtime: model.runtime(), instances, plan, fixed_batch, encoder, sketch })
 }
 
 /// At most `asked` records per model call, or exactly the model's fixed batch size, saying so.
@@ -863,7 +859,8 @@ async fn run_pipeline(
     skipped: usize,
 ) -> PipelineOutcome {
     let Places { input, output, sketches } = places;
-    let Prepared { runtime: _, instances, plan, max_batch, fixed_batch, encoder, sketch } = prepared;
+    let Prepared { runtime: _, instances, plan, fixed_batch, encoder, sketch } = prepared;
+    let max_batch = records_per_call(fixed_batch, cfg.max_batch_size);
     let encoder = Arc::new(encoder);
     let sketch = sketch.map(Arc::new);
     let (decode_tx, decode_rx) = async_channel::bounded::<DecodeJob>(cfg.decode_threads * 4);

@@ -83,8 +83,7 @@ pub async fn run(cfg: FitConfig) -> Result<FitOutcome, String> {
     let si = find(&scores_name)?;
     let stage_idx: Vec<usize> = cfg.settings.stages.iter().map(|n| find(n)).collect::<Result<_, _>>()?;
     let peaks_at: Vec<usize> = (0..stage_idx.len()).map(|i| cfg.settings.peaks << i).collect();
-    let image_input = dir.input.for_model(&info);
-    let plan = ImagePlan::new(&image_input, image_input.declared_hw(&info), 178_956_970).map_err(|e| e.to_string())?;
+    let plan = ImagePlan::for_model(&dir.input, &info, 178_956_970).map_err(|e| e.to_string())?;
 
     let input = Location::open(&cfg.input, false, cfg.max_retries).map_err(|e| e.to_string())?;
     let (mut keys, unlisted) =

@@ -217,10 +217,11 @@ impl SketchSet {
             format!("{url}: no sketch profile at {pkey} ({e}{}); is this a sketch set?", set.credentials_hint())
         })?;
         let profile = SketchProfile::from_json(&text).map_err(|e| format!("{pkey}: {e}"))?;
-        let metas: Vec<_> =
-            set.store.list(Some(&set.prefix)).try_collect().await.map_err(|e| format!("listing {url}: {e}"))?;
-        let keys: Vec<Path> =
-            metas.into_iter().map(|m| m.location).filter(|p| p.as_ref().ends_with(".parquet")).collect();
+        let (keys, unlisted) = set.list_keys().await.map_err(|e| format!("listing {url}: {e}"))?;
+        if let Some((name, reason)) = unlisted.iter().find(|(name, _)| name.ends_with(".parquet")) {
+            return Err(format!("{url}: part {name} cannot be read: {reason}"));
+        }
+        let keys: Vec<Path> = keys.into_iter().filter(|p| p.as_ref().ends_with(".parquet")).collect();
         let store = set.store.clone();
         let (seed, d) = (profile.seed, profile.d);
         let mut rows: Vec<SketchRow> = futures::stream::iter(keys)
