@@ -8,8 +8,6 @@
 
 use std::borrow::Cow;
 
-use std::sync::Arc;
-
 use nalgebra::{DMatrix, DVector};
 
 use crate::sketch::{Sketch, View};
@@ -58,7 +56,17 @@ impl Default for DecodeOptions {
 
 /// An object found in a slot: its module, its block `[c·w ; w·x]`, and the slot's residual with
 /// every found object's block removed.
-type Found = (u32, Vec<f64>, Arc<View>);
+/// At most what [`SPARE`] keeps between decodes.
+const SPARE_BYTES: usize = 32 << 20;
+
+thread_local! {
+    /// Probe vectors kept between decodes for the next one's probes.
+    static SPARE: std::cell::Cell<Vec<Vec<f32>>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// What one probe found: each object's module and block, and the residual its children are read
+/// from (every found object's own block removed).
+type Found = (Vec<(u32, Vec<f64>)>, View);
 
 /// A slot waiting to be scored.
 struct Probe {
@@ -130,7 +138,7 @@ impl Sketcher {
         }
         let mut r = v.clone();
         self.fit_remove(&mut r, m);
-        Ok(self.slot_view(&r, m, slot))
+        Ok(self.slot_view(&r, m, slot, Vec::new()))
     }
 
     /// The greedy recursive decoder of a stored sketch.
@@ -155,19 +163,29 @@ impl Sketcher {
     ///
     /// Slots are probed level by level, across all the views together. Scoring every module
     /// against every probe of a level is one matrix product (`m × d` presence vectors times
-    /// `d × probes`), done by a blocked GEMM that reads the presence vectors once per level
-    /// instead of once per probe; that scan is most of decoding's arithmetic. The probes are then
+    /// `d × probes`), done in register blocks of probes and presence vectors that read the
+    /// presence vectors once per level instead of once per probe; that scan is most of
+    /// decoding's arithmetic. The probes are then
     /// fitted in the order of the module they found, so that consecutive fits share an
     /// embedding while it is in cache. Every probe's numbers depend only on that probe, so a
     /// view decodes the same alone or in a batch.
     pub fn decode_views(&self, views: &[View], opts: DecodeOptions) -> Vec<Vec<Decoded>> {
         let mut out: Vec<Vec<Decoded>> = vec![Vec::new(); views.len()];
         let taus: Vec<f32> = views.iter().map(|v| self.tau_sigmas() * v.sigma).collect();
+        // Vectors of spent probes, for the views of the next ones: reused, their pages are
+        // already mapped (fresh ones fault a page at a time) and likely in cache.
+        let mut spare = SPARE.take();
         let mut level: Vec<Probe> = views
             .iter()
             .enumerate()
             .filter(|(t, _)| taus[*t] > 0.0)
-            .map(|(tree, v)| Probe { tree, view: v.clone(), parent: None, path: Vec::new() })
+            .map(|(tree, v)| {
+                let mut data = spare.pop().unwrap_or_default();
+                data.clear();
+                data.extend_from_slice(&v.data);
+                let view = View { data, mask: v.mask.clone(), valid: v.valid, sigma: v.sigma };
+                Probe { tree, view, parent: None, path: Vec::new() }
+            })
             .collect();
         let c = self.params().c as f64;
         for depth in 0..=opts.max_depth {
@@ -181,17 +199,18 @@ impl Sketcher {
                 .collect();
             let mut order: Vec<usize> = (0..level.len()).collect();
             order.sort_by_key(|&i| best[i]);
-            let mut found: Vec<Vec<Found>> = vec![Vec::new(); level.len()];
+            let mut found: Vec<Option<Found>> = (0..level.len()).map(|_| None).collect();
             let mut scores: Vec<Option<Vec<f32>>> = first.into_iter().map(Some).collect();
             for i in order {
                 let view = std::mem::replace(&mut level[i].view, View::empty());
                 let tau = taus[level[i].tree];
-                found[i] = self.probe(view, scores[i].take().expect("scored once"), opts.max_per_slot, tau);
+                found[i] = Some(self.probe(view, scores[i].take().expect("scored once"), opts.max_per_slot, tau));
             }
             let mut next = Vec::new();
             for (probe, found) in level.into_iter().zip(found) {
                 let tree = &mut out[probe.tree];
-                for (m, z, rest) in found {
+                let (objects, rest) = found.expect("every probe probed");
+                for (m, z) in objects {
                     let w = z[0] / c;
                     let idx = tree.len();
                     tree.push(Decoded {
@@ -201,23 +220,27 @@ impl Sketcher {
                         weight: w as f32,
                         attr: z[1..].iter().map(|v| (v / w) as f32).collect(),
                     });
-                    if depth == opts.max_depth {
-                        continue;
-                    }
-                    for j in 0..self.modules()[m as usize].n_slots {
-                        let mut path = probe.path.clone();
-                        path.push(j as u16);
-                        next.push(Probe {
-                            tree: probe.tree,
-                            view: self.slot_view(&rest, m, j),
-                            parent: Some(idx),
-                            path,
-                        });
+                    if depth < opts.max_depth {
+                        for j in 0..self.modules()[m as usize].n_slots {
+                            let mut path = probe.path.clone();
+                            path.push(j as u16);
+                            let buf = spare.pop().unwrap_or_default();
+                            next.push(Probe {
+                                tree: probe.tree,
+                                view: self.slot_view(&rest, m, j, buf),
+                                parent: Some(idx),
+                                path,
+                            });
+                        }
                     }
                 }
+                spare.push(rest.data);
             }
             level = next;
         }
+        spare.extend(level.into_iter().map(|p| p.view.data));
+        spare.truncate(SPARE_BYTES / (self.dim() * 4).max(1));
+        SPARE.set(spare);
         if opts.refine {
             for (v, found) in views.iter().zip(&mut out) {
                 if found.len() > 1 {
@@ -228,10 +251,8 @@ impl Sketcher {
         out
     }
 
-    /// Matching pursuit over modules in one slot, starting from precomputed scores. Returns each
-    /// object found with its block and the residual its children are read from (every found
-    /// object's own block removed).
-    fn probe(&self, mut u: View, mut scores: Vec<f32>, max: usize, tau: f32) -> Vec<Found> {
+    /// Matching pursuit over modules in one slot, starting from precomputed scores.
+    fn probe(&self, mut u: View, mut scores: Vec<f32>, max: usize, tau: f32) -> Found {
         let c = self.params().c as f64;
         let mut found = Vec::new();
         for round in 0..max {
@@ -255,42 +276,17 @@ impl Sketcher {
             subtract(&mut u, &cols, &z);
             found.push((m, z));
         }
-        let rest = Arc::new(u);
-        found.into_iter().map(|(m, z)| (m, z, rest.clone())).collect()
+        (found, u)
     }
 
-    /// First-round scores of many probes, `(d/d')·⟨r_M, u⟩/c` for each: one GEMM of the probes
-    /// (`probes × d`) with the presence vectors (`d × m`).
+    /// First-round scores of many probes, `(d/d')·⟨r_M, u⟩/c` for each: every probe's inner
+    /// product with every presence vector, a block of probes and presence vectors at a time.
     fn scores_many(&self, probes: &[Probe]) -> Vec<Vec<f32>> {
-        let (m, d, n) = (self.modules().len(), self.dim(), probes.len());
-        let mut u = Vec::with_capacity(n * d);
-        for p in probes {
-            u.extend_from_slice(&p.view.data);
-        }
-        let mut scores = vec![0.0f32; n * m];
-        let presence = self.presence_matrix();
-        assert!(u.len() == n * d && presence.len() == m * d);
-        // SAFETY: `u` is `n × d` and `presence` is `m × d`, both row-major, so `presence` read
-        // with strides (1, d) is `d × m`; `scores` is `n × m` row-major and its strides do not
-        // alias.
-        unsafe {
-            matrixmultiply::sgemm(
-                n,
-                d,
-                m,
-                1.0,
-                u.as_ptr(),
-                d as isize,
-                1,
-                presence.as_ptr(),
-                1,
-                d as isize,
-                0.0,
-                scores.as_mut_ptr(),
-                m as isize,
-                1,
-            );
-        }
+        let m = self.modules().len();
+        let views: Vec<&[f32]> = probes.iter().map(|p| p.view.data.as_slice()).collect();
+        let presence: Vec<&[f32]> = (0..m as u32).map(|j| self.presence(j)).collect();
+        let mut scores = vec![0.0f32; probes.len() * m];
+        vector::dots(&views, &presence, &mut scores);
         scores
             .chunks_exact(m.max(1))
             .zip(probes)
@@ -358,10 +354,12 @@ impl Sketcher {
         cols
     }
 
-    fn slot_view(&self, r: &View, m: u32, slot: usize) -> View {
+    /// The view of slot `slot` of a module-`m` object whose own block is gone from `r`, written
+    /// into `buf`'s allocation.
+    fn slot_view(&self, r: &View, m: u32, slot: usize, buf: Vec<f32>) -> View {
         let q = self.rotation(m, slot);
         View {
-            data: q.apply_t(&r.data),
+            data: q.apply_t_into(&r.data, buf),
             mask: r.mask.as_ref().map(|mask| q.apply_t_mask(mask)),
             valid: r.valid,
             sigma: r.sigma,

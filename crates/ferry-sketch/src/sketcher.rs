@@ -133,15 +133,23 @@ impl Rotation {
     /// `Q v`
     pub(crate) fn apply(&self, v: &[f32]) -> Vec<f32> {
         assert_eq!(v.len(), self.inv.len(), "rotation of a vector of another dimension");
+        let mut out = Vec::with_capacity(v.len());
         // SAFETY: `inv` is a signed permutation of `0..d` and `v` has length `d`.
-        unsafe { vector::gather(v, &self.inv) }
+        unsafe { vector::gather_into(&mut out, v, &self.inv) };
+        out
     }
 
     /// `Qᵀ u`
     pub(crate) fn apply_t(&self, u: &[f32]) -> Vec<f32> {
+        self.apply_t_into(u, Vec::with_capacity(u.len()))
+    }
+
+    /// `Qᵀ u`, written into `out`'s allocation.
+    pub(crate) fn apply_t_into(&self, u: &[f32], mut out: Vec<f32>) -> Vec<f32> {
         assert_eq!(u.len(), self.fwd.len(), "rotation of a vector of another dimension");
         // SAFETY: `fwd` is a signed permutation of `0..d` and `u` has length `d`.
-        unsafe { vector::gather(u, &self.fwd) }
+        unsafe { vector::gather_into(&mut out, u, &self.fwd) };
+        out
     }
 
     /// `Qᵀ` applied to a coordinate mask.
@@ -155,7 +163,7 @@ impl Rotation {
 pub struct Sketcher {
     params: Params,
     modules: Vec<ModuleSpec>,
-    /// `m × d`, row `M` is `r_M`.
+    /// `m` rows [`COLUMN_PAD`] floats longer than `d`; row `M` starts with `r_M`.
     presence: Vec<f32>,
     embeddings: Vec<OnceLock<Embedding>>,
     rotations: Vec<OnceLock<Rotation>>,
@@ -178,9 +186,9 @@ impl Sketcher {
             )));
         }
         let d = params.d;
-        let mut presence = vec![0.0f32; modules.len() * d];
-        for (m, row) in presence.chunks_exact_mut(d).enumerate() {
-            row.copy_from_slice(&presence_column(&params, m as u64));
+        let mut presence = vec![0.0f32; modules.len() * (d + COLUMN_PAD)];
+        for (m, row) in presence.chunks_exact_mut(d + COLUMN_PAD).enumerate() {
+            row[..d].copy_from_slice(&presence_column(&params, m as u64));
         }
         let mut slot_base = Vec::with_capacity(modules.len() + 1);
         let mut total = 0;
@@ -222,12 +230,7 @@ impl Sketcher {
     /// The presence vector `r_M`.
     pub fn presence(&self, m: u32) -> &[f32] {
         let d = self.params.d;
-        &self.presence[m as usize * d..(m as usize + 1) * d]
-    }
-
-    /// All presence vectors, `m × d` row-major.
-    pub(crate) fn presence_matrix(&self) -> &[f32] {
-        &self.presence
+        &self.presence[m as usize * (d + COLUMN_PAD)..][..d]
     }
 
     /// The decoder threshold in units of σ.

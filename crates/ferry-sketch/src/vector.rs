@@ -23,6 +23,106 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Lanes of each inner product in [`dots`]: one AVX vector.
+const DOT_LANES: usize = 8;
+/// Coordinates [`dots`] takes at a time: a block's rows of `a` (8 KiB) stay in L1 while every
+/// row of `b` passes, and `b`'s 2 KiB of each row stay in L2 for the next rows of `a`.
+const DOT_SPAN: usize = 512;
+/// Rows of `a` and of `b` in one block of [`dots`]: 12 sums of 8 lanes in registers, each load
+/// of `a` feeding three multiply-adds and each of `b` four. The compiler vectorises 4 × 3 and
+/// 4 × 2 blocks of 8 lanes; it left 3 × 4 blocks, and any of 16 lanes, scalar (7× slower).
+const DOT_ROWS: usize = 4;
+/// See [`DOT_ROWS`].
+const DOT_COLS: usize = 3;
+
+/// `out[i·b.len() + j] = ⟨a[i], b[j]⟩` for every pair: all inner products of two sets of
+/// vectors of one length, without copying either into a packed layout (a GEMM's packing took as
+/// long as its multiply-adds when one side is new for every call). Pairs go a block of
+/// [`DOT_ROWS`] × [`DOT_COLS`] at a time, and [`DOT_SPAN`] coordinates at a time. Every pair sums
+/// its products into 8 lanes by coordinate and adds the lanes in order, so a product does not
+/// depend on the other vectors.
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+pub(crate) fn dots(a: &[&[f32]], b: &[&[f32]], out: &mut [f32]) {
+    let (na, nb) = (a.len(), b.len());
+    assert_eq!(out.len(), na * nb, "one product per pair");
+    let d = a.first().or(b.first()).map_or(0, |v| v.len());
+    assert!(a.iter().chain(b).all(|v| v.len() == d), "vectors of one length");
+    let fused = multiversion::target::target_cfg_f!(target_feature = "fma");
+    let full = d - d % DOT_LANES;
+    // Kept between calls: a fresh allocation of this size costs its page faults every time.
+    let mut acc = DOT_ACC.take();
+    acc.clear();
+    acc.resize(na * nb, [0.0; DOT_LANES]);
+    for start in (0..full).step_by(DOT_SPAN) {
+        let end = (start + DOT_SPAN).min(full);
+        for i in (0..na).step_by(DOT_ROWS) {
+            for j in (0..nb).step_by(DOT_COLS) {
+                let (rows, cols) = (&a[i..(i + DOT_ROWS).min(na)], &b[j..(j + DOT_COLS).min(nb)]);
+                if rows.len() == DOT_ROWS && cols.len() == DOT_COLS {
+                    dot_block::<DOT_ROWS, DOT_COLS>(rows, cols, &mut acc, nb, i, j, start..end, fused);
+                    continue;
+                }
+                // The edges pair by pair: the same sums, as every pair sums alike.
+                for r in 0..rows.len() {
+                    for c in 0..cols.len() {
+                        dot_block::<1, 1>(&rows[r..], &cols[c..], &mut acc, nb, i + r, j + c, start..end, fused);
+                    }
+                }
+            }
+        }
+    }
+    for (p, (o, lanes)) in out.iter_mut().zip(&acc).enumerate() {
+        let (x, y) = (&a[p / nb][full..], &b[p % nb][full..]);
+        *o = lanes.iter().sum::<f32>() + x.iter().zip(y).map(|(x, y)| x * y).sum::<f32>();
+    }
+    DOT_ACC.set(acc);
+}
+
+thread_local! {
+    /// [`dots`]'s lanes.
+    static DOT_ACC: std::cell::Cell<Vec<[f32; DOT_LANES]>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Coordinates `span` of the products of `I` rows of `a` (from row `i`) with `J` of `b` (from
+/// row `j`), added into their lanes in `acc` (`nb` per row of `a`). Inlined so that it takes
+/// the instruction set of its caller.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn dot_block<const I: usize, const J: usize>(
+    rows: &[&[f32]],
+    cols: &[&[f32]],
+    acc: &mut [[f32; DOT_LANES]],
+    nb: usize,
+    i: usize,
+    j: usize,
+    span: std::ops::Range<usize>,
+    fused: bool,
+) {
+    let x: [&[f32]; I] = std::array::from_fn(|r| &rows[r][span.clone()]);
+    let y: [&[f32]; J] = std::array::from_fn(|c| &cols[c][span.clone()]);
+    let mut sums: [[[f32; DOT_LANES]; J]; I] =
+        std::array::from_fn(|r| std::array::from_fn(|c| acc[(i + r) * nb + j + c]));
+    for k in (0..span.len()).step_by(DOT_LANES) {
+        let xv: [&[f32; DOT_LANES]; I] =
+            std::array::from_fn(|r| x[r][k..k + DOT_LANES].try_into().expect("a lane's worth"));
+        let yv: [&[f32; DOT_LANES]; J] =
+            std::array::from_fn(|c| y[c][k..k + DOT_LANES].try_into().expect("a lane's worth"));
+        for r in 0..I {
+            for c in 0..J {
+                for l in 0..DOT_LANES {
+                    let s = &mut sums[r][c][l];
+                    *s = if fused { xv[r][l].mul_add(yv[c][l], *s) } else { *s + xv[r][l] * yv[c][l] };
+                }
+            }
+        }
+    }
+    for (r, row) in sums.iter().enumerate() {
+        for (c, lanes) in row.iter().enumerate() {
+            acc[(i + r) * nb + j + c] = *lanes;
+        }
+    }
+}
+
 /// `y += a * x`
 #[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
@@ -233,21 +333,21 @@ pub(crate) unsafe fn gather_add(y: &mut [f32], a: f32, x: &[f32], idx: &[u32]) {
     }
 }
 
-/// `y[i] = ±x[idx[i] & !NEGATE]`: [`gather_add`] into a fresh vector, without first zeroing it
-/// and reading the zeros back.
+/// `out[i] = ±x[idx[i] & !NEGATE]`: [`gather_add`] into `out`, replacing what it held, without
+/// first zeroing it and reading the zeros back. `out` keeps its allocation: a fresh one is
+/// fresh pages, whose faults cost as much as the gather.
 ///
 /// # Safety
 /// Every index, without its top bit, must be less than `x.len()`.
 #[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
-pub(crate) unsafe fn gather(x: &[f32], idx: &[u32]) -> Vec<f32> {
+pub(crate) unsafe fn gather_into(out: &mut Vec<f32>, x: &[f32], idx: &[u32]) {
     debug_assert!(idx.iter().all(|&i| ((i & !NEGATE) as usize) < x.len()), "gather index out of range");
-    idx.iter()
-        .map(|&i| {
-            // SAFETY: the caller guarantees every index is in range.
-            let v = unsafe { *x.get_unchecked((i & !NEGATE) as usize) };
-            f32::from_bits(v.to_bits() ^ (i & NEGATE))
-        })
-        .collect()
+    out.clear();
+    out.extend(idx.iter().map(|&i| {
+        // SAFETY: the caller guarantees every index is in range.
+        let v = unsafe { *x.get_unchecked((i & !NEGATE) as usize) };
+        f32::from_bits(v.to_bits() ^ (i & NEGATE))
+    }));
 }
 
 /// Rows per block of the f64 kernels below: 17 columns of 128 rows stay in a 32 KiB L1.
@@ -348,6 +448,37 @@ pub(crate) fn norm(a: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every pair's product is its inner product, and the same bits whichever other vectors
+    /// share the call and wherever the pair falls in the blocking: full blocks, edge rows and
+    /// columns, a length that is not a whole number of lanes or spans.
+    #[test]
+    fn products_of_many_vectors_do_not_depend_on_the_others() {
+        let d = 2 * DOT_SPAN + DOT_LANES + 3;
+        let vector =
+            |s: usize| -> Vec<f32> { (0..d).map(|i| ((i * 37 + s * 101) % 113) as f32 / 113.0 - 0.5).collect() };
+        let a: Vec<Vec<f32>> = (0..11).map(vector).collect();
+        let b: Vec<Vec<f32>> = (100..107).map(vector).collect();
+        let a: Vec<&[f32]> = a.iter().map(Vec::as_slice).collect();
+        let b: Vec<&[f32]> = b.iter().map(Vec::as_slice).collect();
+        let mut all = vec![0.0; a.len() * b.len()];
+        dots(&a, &b, &mut all);
+        for (i, x) in a.iter().enumerate() {
+            for (j, y) in b.iter().enumerate() {
+                let exact: f64 = x.iter().zip(*y).map(|(x, y)| *x as f64 * *y as f64).sum();
+                let got = all[i * b.len() + j];
+                assert!((got as f64 - exact).abs() < 1e-4 * (1.0 + exact.abs()), "{i},{j}: {got} against {exact}");
+                let mut alone = [0.0];
+                dots(&a[i..=i], &b[j..=j], &mut alone);
+                assert_eq!(alone[0].to_bits(), got.to_bits(), "{i},{j} alone");
+            }
+        }
+        let mut part = vec![0.0; 3 * 2];
+        dots(&a[5..8], &b[1..3], &mut part);
+        for (p, v) in part.iter().enumerate() {
+            assert_eq!(v.to_bits(), all[(5 + p / 2) * b.len() + 1 + p % 2].to_bits(), "pair {p} of a part");
+        }
+    }
 
     /// Every way of storing a block writes the same bits: plain stores, and streaming 4 and
     /// (where the CPU has AVX2) 8 lanes at a time, which the dispatched kernel picks by CPU.
