@@ -34,6 +34,8 @@ const DOT_SPAN: usize = 512;
 const DOT_ROWS: usize = 4;
 /// See [`DOT_ROWS`].
 const DOT_COLS: usize = 3;
+/// Rows of `a` whose sums [`dots`] holds at once: 256 × 1,001 modules is 8 MiB of lanes.
+const DOT_CHUNK: usize = 256;
 
 /// `out[i·b.len() + j] = ⟨a[i], b[j]⟩` for every pair: all inner products of two sets of
 /// vectors of one length, without copying either into a packed layout (a GEMM's packing took as
@@ -51,29 +53,33 @@ pub(crate) fn dots(a: &[&[f32]], b: &[&[f32]], out: &mut [f32]) {
     let full = d - d % DOT_LANES;
     // Kept between calls: a fresh allocation of this size costs its page faults every time.
     let mut acc = DOT_ACC.take();
-    acc.clear();
-    acc.resize(na * nb, [0.0; DOT_LANES]);
-    for start in (0..full).step_by(DOT_SPAN) {
-        let end = (start + DOT_SPAN).min(full);
-        for i in (0..na).step_by(DOT_ROWS) {
-            for j in (0..nb).step_by(DOT_COLS) {
-                let (rows, cols) = (&a[i..(i + DOT_ROWS).min(na)], &b[j..(j + DOT_COLS).min(nb)]);
-                if rows.len() == DOT_ROWS && cols.len() == DOT_COLS {
-                    dot_block::<DOT_ROWS, DOT_COLS>(rows, cols, &mut acc, nb, i, j, start..end, fused);
-                    continue;
-                }
-                // The edges pair by pair: the same sums, as every pair sums alike.
-                for r in 0..rows.len() {
-                    for c in 0..cols.len() {
-                        dot_block::<1, 1>(&rows[r..], &cols[c..], &mut acc, nb, i + r, j + c, start..end, fused);
+    // Rows of `a` a chunk at a time, which bounds the lanes held.
+    for (a, out) in a.chunks(DOT_CHUNK).zip(out.chunks_mut(DOT_CHUNK * nb)) {
+        let na = a.len();
+        acc.clear();
+        acc.resize(na * nb, [0.0; DOT_LANES]);
+        for start in (0..full).step_by(DOT_SPAN) {
+            let end = (start + DOT_SPAN).min(full);
+            for i in (0..na).step_by(DOT_ROWS) {
+                for j in (0..nb).step_by(DOT_COLS) {
+                    let (rows, cols) = (&a[i..(i + DOT_ROWS).min(na)], &b[j..(j + DOT_COLS).min(nb)]);
+                    if rows.len() == DOT_ROWS && cols.len() == DOT_COLS {
+                        dot_block::<DOT_ROWS, DOT_COLS>(rows, cols, &mut acc, nb, i, j, start..end, fused);
+                        continue;
+                    }
+                    // The edges pair by pair: the same sums, as every pair sums alike.
+                    for r in 0..rows.len() {
+                        for c in 0..cols.len() {
+                            dot_block::<1, 1>(&rows[r..], &cols[c..], &mut acc, nb, i + r, j + c, start..end, fused);
+                        }
                     }
                 }
             }
         }
-    }
-    for (p, (o, lanes)) in out.iter_mut().zip(&acc).enumerate() {
-        let (x, y) = (&a[p / nb][full..], &b[p % nb][full..]);
-        *o = lanes.iter().sum::<f32>() + x.iter().zip(y).map(|(x, y)| x * y).sum::<f32>();
+        for (p, (o, lanes)) in out.iter_mut().zip(&acc).enumerate() {
+            let (x, y) = (&a[p / nb][full..], &b[p % nb][full..]);
+            *o = lanes.iter().sum::<f32>() + x.iter().zip(y).map(|(x, y)| x * y).sum::<f32>();
+        }
     }
     DOT_ACC.set(acc);
 }
@@ -451,13 +457,14 @@ mod tests {
 
     /// Every pair's product is its inner product, and the same bits whichever other vectors
     /// share the call and wherever the pair falls in the blocking: full blocks, edge rows and
-    /// columns, a length that is not a whole number of lanes or spans.
+    /// columns, either side of a chunk's end, a length that is not a whole number of lanes or
+    /// spans.
     #[test]
     fn products_of_many_vectors_do_not_depend_on_the_others() {
         let d = 2 * DOT_SPAN + DOT_LANES + 3;
         let vector =
             |s: usize| -> Vec<f32> { (0..d).map(|i| ((i * 37 + s * 101) % 113) as f32 / 113.0 - 0.5).collect() };
-        let a: Vec<Vec<f32>> = (0..11).map(vector).collect();
+        let a: Vec<Vec<f32>> = (0..DOT_CHUNK + 11).map(vector).collect();
         let b: Vec<Vec<f32>> = (100..107).map(vector).collect();
         let a: Vec<&[f32]> = a.iter().map(Vec::as_slice).collect();
         let b: Vec<&[f32]> = b.iter().map(Vec::as_slice).collect();
@@ -473,10 +480,11 @@ mod tests {
                 assert_eq!(alone[0].to_bits(), got.to_bits(), "{i},{j} alone");
             }
         }
-        let mut part = vec![0.0; 3 * 2];
-        dots(&a[5..8], &b[1..3], &mut part);
+        let from = DOT_CHUNK - 2;
+        let mut part = vec![0.0; 5 * 2];
+        dots(&a[from..from + 5], &b[1..3], &mut part);
         for (p, v) in part.iter().enumerate() {
-            assert_eq!(v.to_bits(), all[(5 + p / 2) * b.len() + 1 + p % 2].to_bits(), "pair {p} of a part");
+            assert_eq!(v.to_bits(), all[(from + p / 2) * b.len() + 1 + p % 2].to_bits(), "pair {p} of a part");
         }
     }
 
