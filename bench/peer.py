@@ -3,7 +3,8 @@
 
 Reads every image under --input (sorted), applies the model directory's ferry.toml
 pre-processing the way torchvision does (Pillow resize of the short side, bilinear with
-antialiasing, centre crop, /scale, mean/std), batches --batch images, runs onnxruntime with
+antialiasing, centre crop, /scale, mean/std; `channels = "gray"` converts to Pillow's "L"
+first, as torchvision's Grayscale does), batches --batch images, runs onnxruntime with
 --threads intra-op threads, and applies the softmax ferry.toml asks for.
 
 Prints one JSON line: {"images": N, "seconds": S, "images_per_second": R}. With --dump FILE it
@@ -22,7 +23,8 @@ from PIL import Image
 
 
 def preprocess(path, cfg):
-    im = Image.open(path).convert("RGB")
+    grey = cfg.get("channels") in ("gray", "grey")
+    im = Image.open(path).convert("L" if grey else "RGB")
     resize, crop = cfg.get("resize"), cfg.get("crop")
     if isinstance(resize, int):
         w, h = im.size
@@ -39,7 +41,9 @@ def preprocess(path, cfg):
         top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
         im = im.crop((left, top, left + cw, top + ch))
     x = np.asarray(im, dtype=np.float32) / np.float32(cfg.get("scale", 255.0))
-    x = (x - np.array(cfg.get("mean", [0, 0, 0]), dtype=np.float32)) / np.array(cfg.get("std", [1, 1, 1]), dtype=np.float32)
+    if grey:
+        x = x[:, :, None]
+    x = (x - np.array(cfg.get("mean", [0]), dtype=np.float32)) / np.array(cfg.get("std", [1]), dtype=np.float32)
     if cfg.get("channels", "rgb") == "bgr":
         x = x[:, :, ::-1]
     if cfg.get("layout", "nchw") == "nchw":

@@ -13,6 +13,9 @@ dynamic one, as exports without a dynamic batch axis declare it.
 
 identity_nhwc_224: a bare model taking [N, 224, 224, 3], channels last as TensorFlow exports
 declare it, without a ferry.toml to say so.
+
+identity_grey_224: identity_224's geometry for a one-channel [N, 1, 224, 224] input, whose
+ferry.toml does not say that it is greyscale.
 """
 import os
 
@@ -22,10 +25,10 @@ from onnx import TensorProto, helper
 here = os.path.dirname(os.path.abspath(__file__))
 
 
-def identity(name, side, toml, batch="batch", channels_last=False):
+def identity(name, side, toml, batch="batch", channels_last=False, channels=3):
     out = os.path.join(here, "..", "tests", "fixtures", name)
     os.makedirs(out, exist_ok=True)
-    shape = [batch, side, side, 3] if channels_last else [batch, 3, side, side]
+    shape = [batch, side, side, channels] if channels_last else [batch, channels, side, side]
     x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, shape)
     y = helper.make_tensor_value_info("same", TensorProto.FLOAT, shape)
     graph = helper.make_graph([helper.make_node("Identity", ["pixels"], ["same"])], name, [x], [y])
@@ -45,3 +48,4 @@ identity("identity_224", 224, imagenet_geometry)
 identity("identity_224_batch1", 224, imagenet_geometry, batch=1)
 identity("identity_224_batch3", 224, imagenet_geometry, batch=3)
 identity("identity_nhwc_224", 224, None, channels_last=True)
+identity("identity_grey_224", 224, imagenet_geometry, channels=1)

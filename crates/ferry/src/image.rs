@@ -85,6 +85,15 @@ impl ImagePlan {
     /// and width used when `spec` gives no size of its own.
     pub fn for_model(spec: &ImageInput, info: &ferry_backend::ModelInfo, max_pixels: u64) -> Result<Self, PlanError> {
         let spec = spec.for_model(info);
+        let channels = spec.channels.unwrap_or_default();
+        if let Some(c) = spec.declared_channels(info).filter(|&c| c != channels.count()) {
+            return Err(PlanError(format!(
+                "the model's input takes {c} channel{}; channels = \"{}\" makes {}",
+                if c == 1 { "" } else { "s" },
+                channels.name(),
+                channels.count()
+            )));
+        }
         Self::new(&spec, spec.declared_hw(info), max_pixels)
     }
 
@@ -124,11 +133,24 @@ impl ImagePlan {
         if spec.scale == 0.0 || spec.std.contains(&0.0) {
             return Err(PlanError("scale and std must not be zero".into()));
         }
+        let channels = spec.channels.unwrap_or_default();
+        for (name, values) in [("mean", &spec.mean), ("std", &spec.std)] {
+            if values.len() != 1 && values.len() != channels.count() {
+                let takes = if channels.count() == 1 { "one value" } else { "one value, or one per channel" };
+                return Err(PlanError(format!(
+                    "{name} has {} values; channels = \"{}\" takes {takes}",
+                    values.len(),
+                    channels.name()
+                )));
+            }
+        }
+        // Mean and std of source channel c (red, green, blue; or luma, which takes table 0).
+        let of = |values: &[f32], c: usize| values[c.min(values.len() - 1)] as f64;
         let mut lut = [[0f32; 256]; 3];
         for (c, table) in lut.iter_mut().enumerate() {
             for (v, slot) in table.iter_mut().enumerate() {
                 let x = v as f64 / spec.scale as f64;
-                *slot = ((x - spec.mean[c] as f64) / spec.std[c] as f64) as f32;
+                *slot = ((x - of(&spec.mean, c)) / of(&spec.std, c)) as f32;
             }
         }
         Ok(Self {
@@ -136,7 +158,7 @@ impl ImagePlan {
             out,
             crop: spec.crop.map(|[h, w]| (w, h)),
             lut,
-            channels: spec.channels,
+            channels,
             layout: spec.layout.unwrap_or_default(),
             max_pixels,
             dct_scaling: true,
@@ -159,16 +181,16 @@ impl ImagePlan {
 
     /// The shape of one image's tensor (no batch axis).
     pub fn item_shape(&self) -> Vec<usize> {
-        let (w, h) = (self.out.0 as usize, self.out.1 as usize);
+        let (w, h, c) = (self.out.0 as usize, self.out.1 as usize, self.channels.count());
         match self.layout {
-            Layout::Nchw => vec![3, h, w],
-            Layout::Nhwc => vec![h, w, 3],
+            Layout::Nchw => vec![c, h, w],
+            Layout::Nhwc => vec![h, w, c],
         }
     }
 
-    /// Number of `f32` values in one image's tensor: one per byte of its pixels.
+    /// Number of `f32` values in one image's tensor.
     pub fn item_len(&self) -> usize {
-        self.pixels_len()
+        self.out.0 as usize * self.out.1 as usize * self.channels.count()
     }
 
     /// Bytes of the 8-bit RGB pixels [`ImageDecoder::decode_pixels`] writes.
@@ -177,14 +199,22 @@ impl ImagePlan {
     }
 
     /// The model's input for one image: `pixels` ([`ImagePlan::pixels_len`] bytes, RGB)
-    /// normalised into `out` ([`ImagePlan::item_len`] floats) in the model's channel order and
-    /// layout.
+    /// normalised into `out` ([`ImagePlan::item_len`] floats) in the model's channels and layout.
     pub fn normalise(&self, pixels: &[u8], out: &mut [f32]) {
         assert_eq!(pixels.len(), self.pixels_len(), "pixels of the planned size");
-        assert_eq!(out.len(), pixels.len(), "one float per byte");
+        assert_eq!(out.len(), self.item_len(), "the planned tensor");
         let order = match self.channels {
             Channels::Rgb => [0, 1, 2],
             Channels::Bgr => [2, 1, 0],
+            Channels::Gray => {
+                // One channel is the same in either layout.
+                let lut = &self.lut[0];
+                for (o, p) in out.iter_mut().zip(pixels.chunks_exact(3)) {
+                    let luma = (19595 * p[0] as u32 + 38470 * p[1] as u32 + 7471 * p[2] as u32 + 0x8000) >> 16;
+                    *o = lut[luma as usize];
+                }
+                return;
+            }
         };
         let plane = pixels.len() / 3;
         match self.layout {
@@ -407,14 +437,52 @@ mod tests {
         ImageInput {
             resize: Some(Resize::ShortSide(256)),
             crop: Some([224, 224]),
-            mean: [0.485, 0.456, 0.406],
-            std: [0.229, 0.224, 0.225],
+            mean: vec![0.485, 0.456, 0.406],
+            std: vec![0.229, 0.224, 0.225],
             ..Default::default()
         }
     }
 
     fn plan() -> ImagePlan {
         ImagePlan::new(&imagenet(), Some((224, 224)), 1 << 28).unwrap()
+    }
+
+    /// A one-channel model gets Pillow's luma, with one mean and std; the channel count is
+    /// checked against the model before any image is read.
+    #[test]
+    fn a_greyscale_input_gets_luma_and_its_settings_are_checked() {
+        let info = |c: usize| ferry_backend::ModelInfo {
+            inputs: vec![ferry_backend::IoInfo {
+                name: "x".into(),
+                dtype: "float".into(),
+                shape: vec![None, Some(c), Some(2), Some(2)],
+            }],
+            outputs: vec![],
+        };
+        let spec = ImageInput { mean: vec![0.5], std: vec![0.25], ..ImageInput::default() };
+        let plan = ImagePlan::for_model(&spec, &info(1), 1 << 28).unwrap();
+        assert_eq!(plan.item_shape(), vec![1, 2, 2]);
+        let pixels = [255, 0, 0, 0, 255, 0, 0, 0, 255, 10, 200, 30];
+        let mut out = vec![0.0; 4];
+        plan.normalise(&pixels, &mut out);
+        // Pillow's convert("L") of these pixels: 76, 150, 29 and 124.
+        let expect = [76.0, 150.0, 29.0, 124.0].map(|l: f32| (l / 255.0 - 0.5) / 0.25);
+        for (o, e) in out.iter().zip(expect) {
+            assert!((o - e).abs() < 1e-6, "{out:?} against {expect:?}");
+        }
+        // One mean and std serve every channel of an RGB model as well.
+        let rgb = ImagePlan::for_model(&spec, &info(3), 1 << 28).unwrap();
+        assert_eq!(rgb.item_shape(), vec![3, 2, 2]);
+
+        let written = ImageInput { channels: Some(Channels::Rgb), ..ImageInput::default() };
+        let err = ImagePlan::for_model(&written, &info(1), 1 << 28).unwrap_err().to_string();
+        assert!(err.contains("takes 1 channel; channels = \"rgb\" makes 3"), "{err}");
+        let three = ImageInput { mean: vec![0.5; 3], ..ImageInput::default() };
+        let err = ImagePlan::for_model(&three, &info(1), 1 << 28).unwrap_err().to_string();
+        assert!(err.contains("mean has 3 values; channels = \"gray\" takes one value"), "{err}");
+        let two = ImageInput { std: vec![0.5; 2], ..ImageInput::default() };
+        let err = ImagePlan::for_model(&two, &info(3), 1 << 28).unwrap_err().to_string();
+        assert!(err.contains("std has 2 values"), "{err}");
     }
 
     #[test]
@@ -506,7 +574,7 @@ mod tests {
             let plane = &out[c * 224 * 224..(c + 1) * 224 * 224];
             assert!(plane.iter().all(|v| (v - e).abs() < 1e-5), "channel {c}");
         }
-        let spec = ImageInput { layout: Some(Layout::Nhwc), channels: Channels::Bgr, ..imagenet() };
+        let spec = ImageInput { layout: Some(Layout::Nhwc), channels: Some(Channels::Bgr), ..imagenet() };
         let mut d = ImageDecoder::new(ImagePlan::new(&spec, None, 1 << 28).unwrap());
         d.decode(&bytes, &mut out).unwrap();
         assert!((out[0] - ((128.0 / 255.0 - 0.406) / 0.225)).abs() < 1e-5, "BGR puts blue first");
@@ -518,7 +586,7 @@ mod tests {
         // A wide image whose left and right quarters are black and whose middle is white: the
         // centre crop of a 256-high resize sees only white.
         let bytes = png(800, 200, |x, _| if (200..600).contains(&x) { [255; 3] } else { [0; 3] });
-        let spec = ImageInput { mean: [0.0; 3], std: [1.0; 3], ..imagenet() };
+        let spec = ImageInput { mean: vec![0.0; 3], std: vec![1.0; 3], ..imagenet() };
         let mut d = ImageDecoder::new(ImagePlan::new(&spec, None, 1 << 28).unwrap());
         let mut out = Vec::new();
         d.decode(&bytes, &mut out).unwrap();

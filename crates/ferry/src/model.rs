@@ -39,15 +39,15 @@ pub struct ImageInput {
     /// Pixels are divided by this before `mean`/`std` are applied.
     #[serde(default = "default_scale")]
     pub scale: f32,
-    /// Per-channel mean, subtracted after scaling.
-    #[serde(default = "zeros")]
-    pub mean: [f32; 3],
-    /// Per-channel standard deviation, divided by last.
-    #[serde(default = "ones")]
-    pub std: [f32; 3],
-    /// Channel order the model expects.
+    /// Mean subtracted after scaling: one per channel (red, green, blue), or one for all.
+    #[serde(default = "zero")]
+    pub mean: Vec<f32>,
+    /// Standard deviation divided by last, like `mean`.
+    #[serde(default = "one")]
+    pub std: Vec<f32>,
+    /// Channels the model expects; absent, read from the model (see [`ImageInput::for_model`]).
     #[serde(default)]
-    pub channels: Channels,
+    pub channels: Option<Channels>,
     /// Tensor layout the model expects; absent, read from the model (see [`ImageInput::for_model`]).
     #[serde(default)]
     pub layout: Option<Layout>,
@@ -59,24 +59,31 @@ impl Default for ImageInput {
             resize: None,
             crop: None,
             scale: default_scale(),
-            mean: zeros(),
-            std: ones(),
-            channels: Channels::default(),
+            mean: zero(),
+            std: one(),
+            channels: None,
             layout: None,
         }
     }
 }
 
 impl ImageInput {
-    /// This pre-processing with its layout settled for `info`'s input: as written, else channels
-    /// last when the input's last axis is 3 and its second is not (`[N, 224, 224, 3]`, as
-    /// TensorFlow exports declare it), else channels first.
+    /// This pre-processing with its layout and channels settled for `info`'s input, each as
+    /// written, else read from the model. Layout: channels last when the input's last axis is 3
+    /// or 1 and its second is neither (`[N, 224, 224, 3]`, as TensorFlow exports declare it),
+    /// else channels first. Channels: greyscale when the channel axis is 1, else RGB.
     pub fn for_model(&self, info: &ferry_backend::ModelInfo) -> Self {
+        let few = |c: &Option<usize>| matches!(c, Some(1 | 3));
         let inferred = match info.inputs.first().map(|i| i.shape.as_slice()) {
-            Some([_, c, _, Some(3)]) if *c != Some(3) => Layout::Nhwc,
+            Some([_, c, _, last]) if few(last) && !few(c) => Layout::Nhwc,
             _ => Layout::Nchw,
         };
-        Self { layout: Some(self.layout.unwrap_or(inferred)), ..self.clone() }
+        let settled = Self { layout: Some(self.layout.unwrap_or(inferred)), ..self.clone() };
+        let channels = match settled.declared_channels(info) {
+            Some(1) => Channels::Gray,
+            _ => Channels::Rgb,
+        };
+        Self { channels: Some(self.channels.unwrap_or(channels)), ..settled }
     }
 
     /// The height and width the model's first input declares for this layout, when both are fixed.
@@ -88,16 +95,24 @@ impl ImageInput {
             _ => None,
         })
     }
+
+    /// The number of channels the model's first input declares for this layout, when fixed.
+    pub fn declared_channels(&self, info: &ferry_backend::ModelInfo) -> Option<usize> {
+        info.inputs.first().and_then(|i| match (self.layout.unwrap_or_default(), i.shape.as_slice()) {
+            (Layout::Nchw, [_, c, _, _]) | (Layout::Nhwc, [_, _, _, c]) => *c,
+            _ => None,
+        })
+    }
 }
 
 fn default_scale() -> f32 {
     255.0
 }
-fn zeros() -> [f32; 3] {
-    [0.0; 3]
+fn zero() -> Vec<f32> {
+    vec![0.0]
 }
-fn ones() -> [f32; 3] {
-    [1.0; 3]
+fn one() -> Vec<f32> {
+    vec![1.0]
 }
 
 /// A resize target.
@@ -110,7 +125,7 @@ pub enum Resize {
     Exact([u32; 2]),
 }
 
-/// Channel order.
+/// The channels of the model's input, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Channels {
@@ -119,6 +134,29 @@ pub enum Channels {
     Rgb,
     /// Blue, green, red (Caffe and OpenCV models).
     Bgr,
+    /// One channel of luma, `(19595 R + 38470 G + 7471 B + 2¹⁵) >> 16` as Pillow's
+    /// `convert("L")` computes it (ITU-R 601 weights).
+    #[serde(alias = "grey")]
+    Gray,
+}
+
+impl Channels {
+    /// How many there are.
+    pub fn count(self) -> usize {
+        match self {
+            Channels::Gray => 1,
+            Channels::Rgb | Channels::Bgr => 3,
+        }
+    }
+
+    /// The name ferry.toml gives them.
+    pub fn name(self) -> &'static str {
+        match self {
+            Channels::Rgb => "rgb",
+            Channels::Bgr => "bgr",
+            Channels::Gray => "gray",
+        }
+    }
 }
 
 /// Tensor layout.
@@ -225,7 +263,7 @@ mod tests {
         let m = ModelDir::open(dir.path()).unwrap();
         assert_eq!(m.input.resize, Some(Resize::ShortSide(256)));
         assert_eq!(m.input.crop, Some([224, 224]));
-        assert_eq!(m.input.channels, Channels::Bgr);
+        assert_eq!(m.input.channels, Some(Channels::Bgr));
         assert_eq!(m.input.layout, Some(Layout::Nhwc));
         assert_eq!(m.output.name.as_deref(), Some("prob"));
         assert!(m.output.softmax);
@@ -242,7 +280,7 @@ mod tests {
     }
 
     #[test]
-    fn an_unwritten_layout_is_read_from_the_model() {
+    fn unwritten_layout_and_channels_are_read_from_the_model() {
         let info = |shape: Vec<Option<usize>>| ferry_backend::ModelInfo {
             inputs: vec![ferry_backend::IoInfo { name: "x".into(), dtype: "float".into(), shape }],
             outputs: vec![],
@@ -256,6 +294,19 @@ mod tests {
         assert_eq!(layout(&unwritten, vec![None, Some(3), Some(3), Some(3)]), Some(Layout::Nchw));
         let written = ImageInput { layout: Some(Layout::Nchw), ..ImageInput::default() };
         assert_eq!(layout(&written, vec![None, Some(224), Some(224), Some(3)]), Some(Layout::Nchw));
+
+        let settled = |input: &ImageInput, shape| {
+            let s = input.for_model(&info(shape));
+            (s.layout.unwrap(), s.channels.unwrap())
+        };
+        let (grey, rgb) = (Channels::Gray, Channels::Rgb);
+        assert_eq!(settled(&unwritten, vec![None, Some(1), Some(28), Some(28)]), (Layout::Nchw, grey));
+        assert_eq!(settled(&unwritten, vec![None, Some(28), Some(28), Some(1)]), (Layout::Nhwc, grey));
+        assert_eq!(settled(&unwritten, vec![None, None, None, Some(1)]), (Layout::Nhwc, grey));
+        assert_eq!(settled(&unwritten, vec![None, Some(3), Some(224), Some(224)]), (Layout::Nchw, rgb));
+        assert_eq!(settled(&unwritten, vec![None, None, None, None]), (Layout::Nchw, rgb));
+        let bgr = ImageInput { channels: Some(Channels::Bgr), ..ImageInput::default() };
+        assert_eq!(settled(&bgr, vec![None, Some(1), Some(28), Some(28)]), (Layout::Nchw, Channels::Bgr));
     }
 
     #[test]

@@ -266,6 +266,50 @@ fn a_bare_channels_last_model_is_fed_channels_last() {
 }
 
 #[test]
+fn a_bare_greyscale_model_gets_pillows_luma() {
+    // [N, 1, 224, 224], and no ferry.toml line says greyscale: the channel count is read from
+    // the model. Pillow converts to "L" before resizing, ferry after, so each rounding may fall
+    // differently: within two levels, and a fraction of a level on average.
+    let dir = tempfile::tempdir().unwrap();
+    let model = repo().join("tests/fixtures/identity_grey_224");
+    let config = dir.path().join("pillow.toml");
+    let toml = std::fs::read_to_string(model.join("ferry.toml")).unwrap();
+    std::fs::write(&config, format!("{toml}channels = \"gray\"\n")).unwrap();
+    let made =
+        Command::new("python3").arg(repo().join("tests/pillow_variants.py")).arg(dir.path()).arg(&config).output();
+    let made = made.unwrap();
+    assert!(made.status.success(), "tests/pillow_variants.py: {}", String::from_utf8_lossy(&made.stderr));
+    let (images, out) = (dir.path().join("images"), dir.path().join("out"));
+    let o = transform(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        images.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for name in files(&images) {
+        let ours = levels(&out.join(format!("{name}.out")));
+        assert_eq!(ours.len(), 224 * 224, "{name}: one channel");
+        if name == "greyscale_16bit.png" {
+            // Pillow clips 16-bit greyscale (see the RGB test above).
+            assert_eq!(ours, levels(&out.join("greyscale_8bit.png.out")), "{name}");
+            continue;
+        }
+        let bytes = std::fs::read(dir.path().join("pillow").join(format!("{name}.f32"))).unwrap();
+        let theirs: Vec<f32> =
+            bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) * 255.0).collect();
+        assert_eq!(theirs.len(), ours.len(), "{name}");
+        let diffs: Vec<f32> = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).collect();
+        let worst = diffs.iter().copied().fold(0.0, f32::max);
+        let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+        assert!(worst <= 2.0 + 1e-3, "{name}: luma differs from Pillow's by up to {worst} levels");
+        assert!(mean < 0.3, "{name}: luma differs from Pillow's by {mean} levels on average");
+    }
+}
+
+#[test]
 fn labels_that_do_not_match_the_classes_are_warned_about() {
     let model = tempfile::tempdir().unwrap();
     for f in ["model.onnx", "ferry.toml"] {
