@@ -252,9 +252,12 @@ impl ImagePlan {
             ),
             None => (0.0, 0.0),
         };
-        let sx = w as f64 / resized.0 as f64;
-        let sy = h as f64 / resized.1 as f64;
-        Geometry { resized, src_box: (left * sx, top * sy, self.out.0 as f64 * sx, self.out.1 as f64 * sy) }
+        // Multiplied before dividing, so a box that spans the whole image is exactly its size,
+        // and clamped, so one rounding up never reaches past the edge (which the resizer refuses).
+        let (w, h, rw, rh) = (w as f64, h as f64, resized.0 as f64, resized.1 as f64);
+        let (x, y) = (left * w / rw, top * h / rh);
+        let (bw, bh) = ((self.out.0 as f64 * w / rw).min(w - x), (self.out.1 as f64 * h / rh).min(h - y));
+        Geometry { resized, src_box: (x, y, bw, bh) }
     }
 
     /// The coarsest DCT scale, as `1/denominator`, that still leaves [`REDUCING_GAP`] times the
@@ -483,6 +486,39 @@ mod tests {
         let two = ImageInput { std: vec![0.5; 2], ..ImageInput::default() };
         let err = ImagePlan::for_model(&two, &info(3), 1 << 28).unwrap_err().to_string();
         assert!(err.contains("std has 2 values"), "{err}");
+    }
+
+    /// The box a resize reads never reaches past the image, whatever the sizes: 224 · (457 / 224)
+    /// is 457.00000000000006, which the resizer refused, so a bare 224 × 224 model failed one
+    /// photo in eight.
+    #[test]
+    fn the_resampled_box_stays_inside_the_image() {
+        let specs = [
+            ImageInput::default(),
+            ImageInput { resize: Some(Resize::Exact([300, 200])), ..ImageInput::default() },
+            ImageInput { resize: Some(Resize::ShortSide(224)), crop: Some([224, 224]), ..ImageInput::default() },
+            imagenet(),
+        ];
+        for spec in &specs {
+            let plan = ImagePlan::new(
+                spec,
+                Some((224, 224)).filter(|_| spec.crop.is_none() && spec.resize.is_none()),
+                1 << 30,
+            )
+            .unwrap();
+            for (w, h) in (1..1500u32).step_by(7).flat_map(|w| [(w, 457), (457, w), (w, w + 1)]) {
+                let (x, y, bw, bh) = plan.geometry(w, h).src_box;
+                assert!(x >= 0.0 && y >= 0.0 && x + bw <= w as f64 && y + bh <= h as f64, "{spec:?} at {w}x{h}");
+            }
+        }
+        // And the whole image decodes: a 457 × 318 JPEG through a bare 224 × 224 model.
+        let rgb = image::RgbImage::from_fn(457, 318, |x, y| image::Rgb([x as u8, y as u8, (x ^ y) as u8]));
+        let mut jpeg = Vec::new();
+        rgb.write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg).unwrap();
+        let plan = ImagePlan::new(&ImageInput::default(), Some((224, 224)), 1 << 30).unwrap();
+        let mut out = Vec::new();
+        ImageDecoder::new(plan).decode(&jpeg, &mut out).unwrap();
+        assert_eq!(out.len(), 3 * 224 * 224);
     }
 
     #[test]
