@@ -16,11 +16,17 @@ declare it, without a ferry.toml to say so.
 
 identity_grey_224: identity_224's geometry for a one-channel [N, 1, 224, 224] input, whose
 ferry.toml does not say that it is greyscale.
+
+conv_inline, conv_external: one model, a 3x3 convolution to 8 channels with seeded weights, then
+global average pooling, [N, 3, 224, 224] -> [N, 8]; stored with its weights inside the file, and
+with them in model.onnx.data beside it (ONNX external data, which PyTorch's exporter writes for
+large models).
 """
 import os
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 here = os.path.dirname(os.path.abspath(__file__))
 
@@ -49,3 +55,30 @@ identity("identity_224_batch1", 224, imagenet_geometry, batch=1)
 identity("identity_224_batch3", 224, imagenet_geometry, batch=3)
 identity("identity_nhwc_224", 224, None, channels_last=True)
 identity("identity_grey_224", 224, imagenet_geometry, channels=1)
+
+
+def conv(name, external):
+    out = os.path.join(here, "..", "tests", "fixtures", name)
+    os.makedirs(out, exist_ok=True)
+    weights = np.random.default_rng(7).standard_normal((8, 3, 3, 3)).astype(np.float32)
+    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 3, 224, 224])
+    y = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 8])
+    nodes = [
+        helper.make_node("Conv", ["pixels", "weights"], ["conv"]),
+        helper.make_node("GlobalAveragePool", ["conv"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["scores"]),
+    ]
+    graph = helper.make_graph(nodes, name, [x], [y], [numpy_helper.from_array(weights, "weights")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = os.path.join(out, "model.onnx")
+    if external:
+        onnx.save(model, path, save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    else:
+        onnx.save(model, path)
+    print("wrote", os.path.normpath(out))
+
+
+conv("conv_inline", external=False)
+conv("conv_external", external=True)

@@ -173,7 +173,7 @@ impl OrtModel {
             (None, Source::Onnx(bytes))
         } else {
             let prepacked = PrepackedWeights::new();
-            match optimize(env, &bytes, threads, &prepacked) {
+            match optimize(env, &bytes, threads, &prepacked, &folder(path)) {
                 Ok((session, optimized)) => (Some(session), Source::Optimized(Arc::new(optimized), prepacked)),
                 // A model that does not load fails again below, with the runtime's message.
                 Err(reason) => {
@@ -208,9 +208,15 @@ impl OrtModel {
 
     fn session(&self) -> Result<Session> {
         let (env, _) = environment(None)?;
-        build_session(env, &self.source, self.intra_op_threads)
+        build_session(env, &self.source, self.intra_op_threads, &folder(&self.path))
             .map_err(|e| BackendError::Load { path: self.path.clone(), reason: e.to_string() })
     }
+}
+
+/// The folder holding the model file, where its external data lies.
+fn folder(path: &Path) -> String {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    dir.to_string_lossy().into_owned()
 }
 
 /// A session over the model, and the graph it optimised for this machine, in ONNX Runtime's
@@ -220,11 +226,12 @@ fn optimize(
     bytes: &[u8],
     threads: usize,
     prepacked: &PrepackedWeights,
+    folder: &str,
 ) -> std::result::Result<(Session, Vec<u8>), String> {
     let dir = tempfile::tempdir().map_err(|e| format!("a temporary folder: {e}"))?;
     // The extension chooses the format.
     let file = dir.path().join("model.ort");
-    let session = save_optimized(env, bytes, threads, prepacked, &file).map_err(|e| e.to_string())?;
+    let session = save_optimized(env, bytes, threads, prepacked, &file, folder).map_err(|e| e.to_string())?;
     let optimized = std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
     Ok((session, optimized))
 }
@@ -235,8 +242,9 @@ fn save_optimized(
     threads: usize,
     prepacked: &PrepackedWeights,
     file: &Path,
+    folder: &str,
 ) -> ort::Result<Session> {
-    builder(env, threads)?
+    builder(env, threads, folder)?
         .with_prepacked_weights(prepacked)?
         .with_optimization_level(GraphOptimizationLevel::All)?
         .with_optimized_model_path(file)?
@@ -245,17 +253,27 @@ fn save_optimized(
 
 // `ort::Error<SessionBuilder>` is not `Send`; keeping each builder chain in a function that
 // returns `ort::Result` turns every step's error into the plain kind.
-fn builder(env: &ort::environment::Environment, threads: usize) -> ort::Result<SessionBuilder> {
-    let builder = Session::builder(env)?.with_intra_threads(threads)?.with_inter_threads(1)?;
+fn builder(env: &ort::environment::Environment, threads: usize, folder: &str) -> ort::Result<SessionBuilder> {
+    let builder = Session::builder(env)?
+        .with_intra_threads(threads)?
+        .with_inter_threads(1)?
+        // A model loaded from memory finds its external data (`location` in the file, as
+        // PyTorch's exporter writes large weights) next to the model, not in the working folder.
+        .with_config_entry("session.model_external_initializers_file_folder_path", folder)?;
     if threads == 1 {
         return Ok(builder.with_intra_op_spinning(false)?);
     }
     Ok(builder)
 }
 
-fn build_session(env: &ort::environment::Environment, source: &Source, threads: usize) -> ort::Result<Session> {
+fn build_session(
+    env: &ort::environment::Environment,
+    source: &Source,
+    threads: usize,
+    folder: &str,
+) -> ort::Result<Session> {
     match source {
-        Source::Optimized(bytes, prepacked) => builder(env, threads)?
+        Source::Optimized(bytes, prepacked) => builder(env, threads, folder)?
             .with_prepacked_weights(prepacked)?
             // Already optimised, for this machine.
             .with_optimization_level(GraphOptimizationLevel::Disable)?
@@ -263,9 +281,9 @@ fn build_session(env: &ort::environment::Environment, source: &Source, threads: 
             .with_config_entry("session.use_ort_model_bytes_directly", "1")?
             .with_config_entry("session.use_ort_model_bytes_for_initializers", "1")?
             .commit_from_memory(bytes),
-        Source::Onnx(bytes) => {
-            builder(env, threads)?.with_optimization_level(GraphOptimizationLevel::All)?.commit_from_memory(bytes)
-        }
+        Source::Onnx(bytes) => builder(env, threads, folder)?
+            .with_optimization_level(GraphOptimizationLevel::All)?
+            .commit_from_memory(bytes),
     }
 }
 
