@@ -21,6 +21,10 @@ conv_inline, conv_external: one model, a 3x3 convolution to 8 channels with seed
 global average pooling, [N, 3, 224, 224] -> [N, 8]; stored with its weights inside the file, and
 with them in model.onnx.data beside it (ONNX external data, which PyTorch's exporter writes for
 large models).
+
+typed_outputs: [N, 3, 8, 8] -> the channel means as floats ("means"), their argmax as int64
+("label"), whether each is over 0.5 as bool ("bright"), each times 255 cast to uint8 ("level"),
+as double ("double") and the label as a string ("name"): every kind of output a .out writes.
 """
 import os
 
@@ -74,6 +78,10 @@ def conv(name, external):
     onnx.checker.check_model(model)
     path = os.path.join(out, "model.onnx")
     if external:
+        # onnx appends to an existing data file.
+        data = os.path.join(out, "model.onnx.data")
+        if os.path.exists(data):
+            os.remove(data)
         onnx.save(model, path, save_as_external_data=True, location="model.onnx.data", size_threshold=0)
     else:
         onnx.save(model, path)
@@ -82,3 +90,42 @@ def conv(name, external):
 
 conv("conv_inline", external=False)
 conv("conv_external", external=True)
+
+
+def typed_outputs():
+    out = os.path.join(here, "..", "tests", "fixtures", "typed_outputs")
+    os.makedirs(out, exist_ok=True)
+    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 3, 8, 8])
+    outputs = [
+        helper.make_tensor_value_info("means", TensorProto.FLOAT, ["batch", 3]),
+        helper.make_tensor_value_info("label", TensorProto.INT64, ["batch", 1]),
+        helper.make_tensor_value_info("bright", TensorProto.BOOL, ["batch", 3]),
+        helper.make_tensor_value_info("level", TensorProto.UINT8, ["batch", 3]),
+        helper.make_tensor_value_info("double", TensorProto.DOUBLE, ["batch", 3]),
+        helper.make_tensor_value_info("name", TensorProto.STRING, ["batch", 1]),
+    ]
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["pixels"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["means"]),
+        helper.make_node("ArgMax", ["means"], ["label"], axis=1, keepdims=1),
+        helper.make_node("Greater", ["means", "half"], ["bright"]),
+        helper.make_node("Mul", ["means", "full"], ["scaled"]),
+        helper.make_node("Cast", ["scaled"], ["level"], to=TensorProto.UINT8),
+        helper.make_node("Cast", ["means"], ["double"], to=TensorProto.DOUBLE),
+        helper.make_node("Cast", ["label"], ["name"], to=TensorProto.STRING),
+    ]
+    constants = [
+        helper.make_tensor("half", TensorProto.FLOAT, [], [0.5]),
+        helper.make_tensor("full", TensorProto.FLOAT, [], [255.0]),
+    ]
+    graph = helper.make_graph(nodes, "typed_outputs", [x], outputs, constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, os.path.join(out, "model.onnx"))
+    with open(os.path.join(out, "ferry.toml"), "w") as f:
+        f.write("[input]\nresize = [8, 8]\nscale = 255.0\n")
+    print("wrote", os.path.normpath(out))
+
+
+typed_outputs()

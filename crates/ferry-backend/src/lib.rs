@@ -108,6 +108,77 @@ pub struct Output {
     /// Dimensions, outermost (batch) first.
     pub shape: Vec<usize>,
     values: Box<dyn OutputValues>,
+    /// The values as the model typed them, when they are not floats.
+    exact: Option<Exact>,
+}
+
+/// The values of an output that are not floats (class ids from an `ArgMax`, counts, masks,
+/// label strings), kept as they are so that they are written as they are.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Exact {
+    /// Any integer type, widened.
+    Int(Vec<i64>),
+    /// Booleans.
+    Bool(Vec<bool>),
+    /// Strings.
+    Text(Vec<String>),
+}
+
+/// A run of an [`Exact`] output's values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ExactSlice<'a> {
+    /// See [`Exact::Int`].
+    Int(&'a [i64]),
+    /// See [`Exact::Bool`].
+    Bool(&'a [bool]),
+    /// See [`Exact::Text`].
+    Text(&'a [String]),
+}
+
+impl Exact {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            Exact::Int(v) => v.len(),
+            Exact::Bool(v) => v.len(),
+            Exact::Text(v) => v.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Values `range`.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> ExactSlice<'_> {
+        match self {
+            Exact::Int(v) => ExactSlice::Int(&v[range]),
+            Exact::Bool(v) => ExactSlice::Bool(&v[range]),
+            Exact::Text(v) => ExactSlice::Text(&v[range]),
+        }
+    }
+
+    /// The values as floats, for whatever reads numbers: integers rounded to the nearest float,
+    /// booleans 0 or 1, strings NaN.
+    fn floats(&self) -> Vec<f32> {
+        match self {
+            Exact::Int(v) => v.iter().map(|&x| x as f32).collect(),
+            Exact::Bool(v) => v.iter().map(|&x| if x { 1.0 } else { 0.0 }).collect(),
+            Exact::Text(v) => vec![f32::NAN; v.len()],
+        }
+    }
+}
+
+impl ExactSlice<'_> {
+    /// The values as an owned [`Exact`].
+    pub fn to_owned(self) -> Exact {
+        match self {
+            ExactSlice::Int(v) => Exact::Int(v.to_vec()),
+            ExactSlice::Bool(v) => Exact::Bool(v.to_vec()),
+            ExactSlice::Text(v) => Exact::Text(v.to_vec()),
+        }
+    }
 }
 
 /// Where an [`Output`]'s values live.
@@ -132,10 +203,22 @@ impl Output {
     /// An output of `shape` over `values`, checking that they fit.
     pub fn new(shape: Vec<usize>, values: impl OutputValues + 'static) -> Self {
         assert_eq!(shape.iter().product::<usize>(), values.values().len(), "output values do not match the shape");
-        Self { shape, values: Box::new(values) }
+        Self { shape, values: Box::new(values), exact: None }
     }
 
-    /// All values, row-major.
+    /// An output of `shape` whose values are not floats.
+    pub fn exact(shape: Vec<usize>, exact: Exact) -> Self {
+        assert_eq!(shape.iter().product::<usize>(), exact.len(), "output values do not match the shape");
+        Self { shape, values: Box::new(exact.floats()), exact: Some(exact) }
+    }
+
+    /// Item `i`'s values as the model typed them, when they are not floats.
+    pub fn exact_row(&self, i: usize) -> Option<ExactSlice<'_>> {
+        let n = self.row_len();
+        self.exact.as_ref().map(|e| e.slice(i * n..(i + 1) * n))
+    }
+
+    /// All values, row-major; an [`Exact`] output's as floats (see [`Output::exact`]).
     pub fn values(&self) -> &[f32] {
         self.values.values()
     }

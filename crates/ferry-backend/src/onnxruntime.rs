@@ -13,7 +13,9 @@ use ort::session::builder::{GraphOptimizationLevel, PrepackedWeights, SessionBui
 use ort::session::Session;
 use ort::value::{DynValue, TensorElementType, TensorRef, ValueType};
 
-use crate::{Backend, BackendError, IoInfo, LoadOptions, Model, ModelInfo, Output, OutputValues, Result, Tensor};
+use crate::{
+    Backend, BackendError, Exact, IoInfo, LoadOptions, Model, ModelInfo, Output, OutputValues, Result, Tensor,
+};
 
 static ENVIRONMENT: OnceLock<std::result::Result<(ort::environment::Environment, PathBuf), String>> = OnceLock::new();
 
@@ -351,13 +353,52 @@ impl Backend for OrtBackend {
             let value = outputs
                 .remove(&io.name)
                 .ok_or_else(|| BackendError::Run(format!("the session returned no output {}", io.name)))?;
-            let (shape, _) =
-                value.try_extract_tensor::<f32>().map_err(|e| BackendError::Run(format!("output {}: {e}", io.name)))?;
-            let shape = shape.iter().map(|&d| d as usize).collect();
-            tensors.push(Output::new(shape, OrtValues(value)));
+            tensors.push(output(value).map_err(|e| BackendError::Run(format!("output {}: {e}", io.name)))?);
         }
         Ok(tensors)
     }
+}
+
+/// A batch's output: floats where ONNX Runtime left them, anything else converted.
+fn output(value: DynValue) -> std::result::Result<Output, String> {
+    let ty = match value.dtype() {
+        ValueType::Tensor { ty, .. } => *ty,
+        other => return Err(format!("{other:?} is not a tensor")),
+    };
+    let dims = |shape: &ort::value::Shape| shape.iter().map(|&d| d as usize).collect::<Vec<usize>>();
+    fn ints<T: ort::value::PrimitiveTensorElementType + Copy + Into<i128>>(
+        value: &DynValue,
+    ) -> ort::Result<(Vec<usize>, Exact)> {
+        let (shape, v) = value.try_extract_tensor::<T>()?;
+        // Wider than i64 only for u64 values past i64::MAX, which saturate.
+        let v = v.iter().map(|&x| x.into().clamp(i64::MIN as i128, i64::MAX as i128) as i64).collect();
+        Ok((shape.iter().map(|&d| d as usize).collect(), Exact::Int(v)))
+    }
+    let exact = match ty {
+        TensorElementType::Float32 => {
+            let (shape, _) = value.try_extract_tensor::<f32>().map_err(|e| e.to_string())?;
+            return Ok(Output::new(dims(shape), OrtValues(value)));
+        }
+        TensorElementType::Float64 => {
+            let (shape, v) = value.try_extract_tensor::<f64>().map_err(|e| e.to_string())?;
+            return Ok(Output::new(dims(shape), v.iter().map(|&x| x as f32).collect::<Vec<f32>>()));
+        }
+        TensorElementType::Int64 => ints::<i64>(&value),
+        TensorElementType::Int32 => ints::<i32>(&value),
+        TensorElementType::Int16 => ints::<i16>(&value),
+        TensorElementType::Int8 => ints::<i8>(&value),
+        TensorElementType::Uint64 => ints::<u64>(&value),
+        TensorElementType::Uint32 => ints::<u32>(&value),
+        TensorElementType::Uint16 => ints::<u16>(&value),
+        TensorElementType::Uint8 => ints::<u8>(&value),
+        TensorElementType::Bool => {
+            value.try_extract_tensor::<bool>().map(|(shape, v)| (dims(shape), Exact::Bool(v.to_vec())))
+        }
+        TensorElementType::String => value.try_extract_strings().map(|(shape, v)| (dims(shape), Exact::Text(v))),
+        other => return Err(format!("its element type is {}, which ferry does not write", element_name(other))),
+    };
+    let (shape, exact) = exact.map_err(|e| e.to_string())?;
+    Ok(Output::exact(shape, exact))
 }
 
 /// An output left in the memory ONNX Runtime returned it in. The value keeps its allocator

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::DimLike;
 
-use crate::{Backend, BackendError, IoInfo, ModelInfo, Output, Result, Tensor};
+use crate::{Backend, BackendError, Exact, IoInfo, ModelInfo, Output, Result, Tensor};
 
 type Plan = TypedSimplePlan;
 
@@ -122,27 +122,62 @@ impl Backend for TractBackend {
         let plan = model.plan(&input.shape[1..])?;
         let mut item_shape = vec![1];
         item_shape.extend_from_slice(&input.shape[1..]);
-        let mut outputs: Vec<(Vec<usize>, Vec<f32>)> = Vec::new();
+        let mut outputs: Vec<(Vec<usize>, Values)> = Vec::new();
         for i in 0..batch {
             let item = tract_onnx::prelude::Tensor::from_shape(&item_shape, input.row(i))
                 .map_err(|e| BackendError::Run(e.to_string()))?;
             let result = plan.run(tvec![item.into_tvalue()]).map_err(|e| BackendError::Run(format!("{e:#}")))?;
             if outputs.is_empty() {
-                outputs = result.iter().map(|t| (t.shape().to_vec(), Vec::new())).collect();
+                outputs = result.iter().map(|t| (t.shape().to_vec(), Values::for_type(t.datum_type()))).collect();
             }
-            for (slot, t) in outputs.iter_mut().zip(result.iter()) {
-                let values = t.to_plain_array_view::<f32>().map_err(|e| BackendError::Run(e.to_string()))?;
-                slot.1.extend(values.iter().copied());
+            for ((slot, t), io) in outputs.iter_mut().zip(result.iter()).zip(&model.info.outputs) {
+                slot.1.extend(t).map_err(|e| BackendError::Run(format!("output {}: {e:#}", io.name)))?;
             }
         }
         Ok(outputs
             .into_iter()
-            .map(|(mut shape, data)| {
+            .map(|(mut shape, values)| {
                 if let Some(first) = shape.first_mut() {
                     *first = batch;
                 }
-                Output::new(shape, data)
+                match values {
+                    Values::Float(v) => Output::new(shape, v),
+                    Values::Exact(e) => Output::exact(shape, e),
+                }
             })
             .collect())
+    }
+}
+
+/// An output's values gathered item by item: floats, or what [`Exact`] keeps.
+enum Values {
+    Float(Vec<f32>),
+    Exact(Exact),
+}
+
+impl Values {
+    fn for_type(t: DatumType) -> Self {
+        match t {
+            DatumType::Bool => Values::Exact(Exact::Bool(Vec::new())),
+            DatumType::String => Values::Exact(Exact::Text(Vec::new())),
+            t if t.is_integer() => Values::Exact(Exact::Int(Vec::new())),
+            _ => Values::Float(Vec::new()),
+        }
+    }
+
+    fn extend(&mut self, t: &tract_onnx::prelude::Tensor) -> std::result::Result<(), String> {
+        let e = |e: TractError| format!("{e:#}");
+        match self {
+            Values::Float(v) if t.datum_type().is_float() => {
+                v.extend(t.cast_to::<f32>().map_err(e)?.to_plain_array_view::<f32>().map_err(e)?.iter())
+            }
+            Values::Exact(Exact::Int(v)) => {
+                v.extend(t.cast_to::<i64>().map_err(e)?.to_plain_array_view::<i64>().map_err(e)?.iter())
+            }
+            Values::Exact(Exact::Bool(v)) => v.extend(t.to_plain_array_view::<bool>().map_err(e)?.iter()),
+            Values::Exact(Exact::Text(v)) => v.extend(t.to_plain_array_view::<String>().map_err(e)?.iter().cloned()),
+            _ => return Err(format!("its element type is {:?}, which ferry does not write", t.datum_type())),
+        }
+        Ok(())
     }
 }

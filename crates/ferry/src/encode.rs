@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use ferry_backend::Output;
+use ferry_backend::{ExactSlice, Output};
 use serde::Serialize;
 
 /// One record's outputs: its row of each output of the batch it ran in. The records of a batch
@@ -62,6 +62,15 @@ impl RecordOutputs {
         }
     }
 
+    /// Output `j`'s values for this record as the model typed them, when they are not floats
+    /// (and this record did not replace them).
+    pub fn exact(&self, j: usize) -> Option<ExactSlice<'_>> {
+        match self.replaced.iter().any(|(i, _)| *i == j) {
+            true => None,
+            false => self.batch[j].exact_row(self.row),
+        }
+    }
+
     /// Replaces output `j`'s values for this record.
     pub fn replace(&mut self, j: usize, values: Vec<f32>) {
         assert_eq!(values.len(), self.batch[j].row_len(), "a replacement of another length");
@@ -75,9 +84,17 @@ impl RecordOutputs {
         if self.batch.first().is_some_and(|o| o.shape.first() == Some(&1)) {
             return;
         }
-        let rows = (0..self.len()).map(|j| (self.shape(j).to_vec(), self.batch[j].row(self.row).to_vec())).collect();
+        let outputs: Vec<Output> = (0..self.len())
+            .map(|j| {
+                let shape = std::iter::once(1).chain(self.shape(j).iter().copied()).collect();
+                match self.batch[j].exact_row(self.row) {
+                    Some(exact) => Output::exact(shape, exact.to_owned()),
+                    None => Output::new(shape, self.batch[j].row(self.row).to_vec()),
+                }
+            })
+            .collect();
         let replaced = std::mem::take(&mut self.replaced);
-        *self = Self { replaced, ..Self::from_rows(rows) };
+        *self = Self { batch: outputs.into(), row: 0, replaced };
     }
 }
 
@@ -136,7 +153,7 @@ impl Encoder {
         }
         let shown: Vec<usize> = (0..outputs.len()).filter(|i| !self.hidden.contains(i)).collect();
         if let [only] = shown.as_slice() {
-            write_nested(out, outputs.shape(*only), outputs.values(*only));
+            write_output(out, outputs, *only);
             return;
         }
         out.push(b'{');
@@ -146,9 +163,27 @@ impl Encoder {
             }
             serde_json::to_writer(&mut *out, &self.output_names[i]).expect("writing to a Vec cannot fail");
             out.push(b':');
-            write_nested(out, outputs.shape(i), outputs.values(i));
+            write_output(out, outputs, i);
         }
         out.push(b'}');
+    }
+}
+
+/// Output `j` of a record, nested to its shape: floats in their shortest form, integers as
+/// integers, booleans and strings as JSON's.
+fn write_output(out: &mut Vec<u8>, outputs: &RecordOutputs, j: usize) {
+    let shape = outputs.shape(j);
+    match outputs.exact(j) {
+        None => write_nested(out, shape, outputs.values(j), &mut |out, v| write_f32(out, *v)),
+        Some(ExactSlice::Int(v)) => {
+            write_nested(out, shape, v, &mut |out, v| out.extend_from_slice(v.to_string().as_bytes()))
+        }
+        Some(ExactSlice::Bool(v)) => {
+            write_nested(out, shape, v, &mut |out, v| out.extend_from_slice(if *v { b"true" } else { b"false" }))
+        }
+        Some(ExactSlice::Text(v)) => write_nested(out, shape, v, &mut |out, v| {
+            serde_json::to_writer(out, v).expect("writing to a Vec cannot fail")
+        }),
     }
 }
 
@@ -196,19 +231,9 @@ impl<'a> TopK<'a> {
     }
 }
 
-fn write_nested(out: &mut Vec<u8>, shape: &[usize], values: &[f32]) {
+fn write_nested<T>(out: &mut Vec<u8>, shape: &[usize], values: &[T], cell: &mut impl FnMut(&mut Vec<u8>, &T)) {
     match shape {
-        [] => write_f32(out, values[0]),
-        [_] => {
-            out.push(b'[');
-            for (i, v) in values.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_f32(out, *v);
-            }
-            out.push(b']');
-        }
+        [] => cell(out, &values[0]),
         [n, rest @ ..] => {
             let step = rest.iter().product::<usize>();
             out.push(b'[');
@@ -216,7 +241,11 @@ fn write_nested(out: &mut Vec<u8>, shape: &[usize], values: &[f32]) {
                 if i > 0 {
                     out.push(b',');
                 }
-                write_nested(out, rest, &values[i * step..(i + 1) * step]);
+                if rest.is_empty() {
+                    cell(out, &values[i]);
+                } else {
+                    write_nested(out, rest, &values[i * step..(i + 1) * step], cell);
+                }
             }
             out.push(b']');
         }
@@ -286,6 +315,27 @@ mod tests {
         let mut records = vec![rec(vec![(vec![1], vec![f32::NAN]), (vec![2], vec![0.5, 1e-7])])];
         let v = json(e.body(&mut records));
         assert_eq!(v, serde_json::json!({"predictions": [{"a": [null], "b": [0.5, 1e-7]}]}));
+    }
+
+    #[test]
+    fn integers_booleans_and_strings_are_written_as_they_are_even_after_detaching() {
+        use ferry_backend::Exact;
+        let e = Encoder { output_names: vec!["id".into(), "mask".into(), "name".into(), "p".into()], ..encoder() };
+        // A batch of two records; the second one's rows.
+        let batch: Arc<[Output]> = vec![
+            Output::exact(vec![2, 1], Exact::Int(vec![3, i64::MAX])),
+            Output::exact(vec![2, 2], Exact::Bool(vec![true, false, false, true])),
+            Output::exact(vec![2], Exact::Text(vec!["cat".into(), "say \"hi\"".into()])),
+            Output::new(vec![2, 1], vec![0.25f32, 0.5]),
+        ]
+        .into();
+        let expected = serde_json::json!({"predictions": [{"id": [i64::MAX], "mask": [false, true], "name": "say \"hi\"", "p": [0.5]}]});
+        let mut record = RecordOutputs::new(batch.clone(), 1);
+        assert_eq!(json(e.body(&mut [Ok(record.clone())])), expected);
+        record.detach();
+        assert_eq!(json(e.body(&mut [Ok(record)])), expected, "detached");
+        // What reads numbers reads them as floats.
+        assert_eq!(RecordOutputs::new(batch, 0).values(1), [1.0, 0.0]);
     }
 
     #[test]

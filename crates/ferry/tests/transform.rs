@@ -310,6 +310,44 @@ fn a_bare_greyscale_model_gets_pillows_luma() {
 }
 
 #[test]
+fn outputs_that_are_not_floats_are_written_as_they_are() {
+    // Class ids from an ArgMax (int64), a mask (bool), a uint8, a double and a string: every
+    // record used to fail with "Cannot extract Tensor<f32> from Tensor<i64>".
+    let model = repo().join("tests/fixtures/typed_outputs");
+    let mut seen = Vec::new();
+    for backend in ["ort", "tract"] {
+        let out = tempfile::tempdir().unwrap();
+        let input = examples();
+        let o = transform(&[
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.path().to_str().unwrap(),
+            "--backend",
+            backend,
+        ]);
+        assert!(o.status.success(), "{backend}: {}", stderr(&o));
+        for name in ["astronaut.png.out", "chelsea.jpg.out", "coffee.png.out", "rocket.jpg.out"] {
+            let p = json(&out.path().join(name))["predictions"][0].clone();
+            let means: Vec<f64> = p["means"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            let best = (0..3).max_by(|&a, &b| means[a].total_cmp(&means[b]).then(b.cmp(&a))).unwrap();
+            assert_eq!(p["label"], serde_json::json!([best]), "{backend} {name}: {p}");
+            assert_eq!(p["name"], serde_json::json!([best.to_string()]), "{backend} {name}: {p}");
+            for c in 0..3 {
+                assert_eq!(p["bright"][c], serde_json::json!(means[c] > 0.5), "{backend} {name}: {p}");
+                let level = p["level"][c].as_u64().unwrap_or_else(|| panic!("{backend} {name}: {p}"));
+                assert!((level as f64 - means[c] * 255.0).abs() <= 1.0, "{backend} {name}: {p}");
+                assert!((p["double"][c].as_f64().unwrap() - means[c]).abs() < 1e-6, "{backend} {name}: {p}");
+            }
+            seen.push((p["label"].clone(), p["bright"].clone(), p["level"].clone()));
+        }
+    }
+    assert_eq!(seen[..4], seen[4..], "the two runtimes write the same integers and booleans");
+}
+
+#[test]
 fn labels_that_do_not_match_the_classes_are_warned_about() {
     let model = tempfile::tempdir().unwrap();
     for f in ["model.onnx", "ferry.toml"] {
