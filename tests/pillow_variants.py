@@ -3,7 +3,8 @@
 
 Writes OUT/images/<name> (JPEG: progressive, 4:4:4, 4:2:2, 4:2:0 at odd sizes, greyscale, CMYK,
 restart markers, an EXIF orientation tag, one large enough to decode at a DCT scale; PNG: greyscale, greyscale + alpha, 16-bit greyscale,
-palette, RGBA, a tiny image that has to be enlarged) and OUT/pillow/<name>.f32: the model input
+palette, RGBA, a tiny image that has to be enlarged; WebP lossy, lossless and with alpha; GIF, one
+frame and animated; BMP; TIFF uncompressed, LZW and JPEG-compressed) and OUT/pillow/<name>.f32: the model input
 that bench/peer.py's Pillow pre-processing makes of it for CONFIG (a ferry.toml's [input]), as
 little-endian f32.
 
@@ -54,12 +55,23 @@ variants = {
     "palette.png": (astronaut.convert("P", palette=Image.ADAPTIVE), {}),
     "rgba.png": (Image.fromarray(rgba), {}),
     "tiny.png": (rocket.resize((30, 30)), {}),
+    "lossy.webp": (cat, dict(quality=90)),
+    "lossless.webp": (coffee, dict(lossless=True)),
+    "alpha.webp": (coffee.convert("RGBA"), dict(quality=90)),
+    "palette.gif": (cat, {}),
+    # Pillow and ferry both read the first frame.
+    "animated.gif": (cat, dict(save_all=True, append_images=[rocket.resize(cat.size)], duration=100, loop=0)),
+    "plain.bmp": (astronaut, {}),
+    "plain.tiff": (coffee, {}),
+    "lzw.tiff": (cat, dict(compression="tiff_lzw")),
+    "jpeg.tiff": (rocket, dict(compression="jpeg")),
 }
 os.makedirs(os.path.join(out, "images"), exist_ok=True)
 os.makedirs(os.path.join(out, "pillow"), exist_ok=True)
 for name, (im, opts) in variants.items():
     buf = io.BytesIO()
-    im.save(buf, "JPEG" if name.endswith(".jpg") else "PNG", **opts)
+    kind = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF", "bmp": "BMP", "tiff": "TIFF"}
+    im.save(buf, kind[name.rsplit(".", 1)[1]], **opts)
     path = os.path.join(out, "images", name)
     with open(path, "wb") as f:
         f.write(buf.getvalue())

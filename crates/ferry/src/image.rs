@@ -1,4 +1,5 @@
-//! `application/x-image`: JPEG or PNG bytes to the model's input tensor, in one pass.
+//! `application/x-image`: JPEG, PNG, WebP, GIF, BMP or TIFF bytes to the model's input tensor, in
+//! one pass. JPEGs go through libjpeg-turbo, the rest through the `image` crate.
 //!
 //! The usual recipe (decode at full size, resize the short side, centre crop, normalise) spends
 //! most of its time decoding pixels that the resize then throws away. Here the crop is mapped
@@ -26,8 +27,8 @@ pub enum ImageError {
     /// Zero bytes.
     #[error("empty object (0 bytes)")]
     Empty,
-    /// Neither JPEG nor PNG.
-    #[error("not a JPEG or PNG image (starts with {0})")]
+    /// None of the formats read.
+    #[error("not a JPEG, PNG, WebP, GIF, BMP or TIFF image (starts with {0})")]
     UnknownFormat(String),
     /// Declared dimensions over the pixel limit (an "image bomb").
     #[error("image is {width}x{height} = {pixels} pixels, over the limit of {limit} (--max-image-pixels)")]
@@ -44,7 +45,7 @@ pub enum ImageError {
     /// The decoder failed: corrupt or truncated data.
     #[error("invalid {format}: {reason}")]
     Corrupt {
-        /// `JPEG` or `PNG`.
+        /// `JPEG`, `PNG`, `WebP`, `GIF`, `BMP` or `TIFF`.
         format: &'static str,
         /// The decoder's message.
         reason: String,
@@ -365,10 +366,16 @@ impl ImageDecoder {
             [] => return Err(ImageError::Empty),
             [0xFF, 0xD8, 0xFF, ..] => self.decode_jpeg(bytes)?,
             [0x89, b'P', b'N', b'G', ..] => self.decode_other(bytes, image::ImageFormat::Png, "PNG")?,
-            _ => {
-                let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
-                return Err(ImageError::UnknownFormat(format!("bytes {}", head.join(" "))));
-            }
+            _ => match image::guess_format(bytes) {
+                Ok(f @ image::ImageFormat::WebP) => self.decode_other(bytes, f, "WebP")?,
+                Ok(f @ image::ImageFormat::Gif) => self.decode_other(bytes, f, "GIF")?,
+                Ok(f @ image::ImageFormat::Bmp) => self.decode_other(bytes, f, "BMP")?,
+                Ok(f @ image::ImageFormat::Tiff) => self.decode_other(bytes, f, "TIFF")?,
+                _ => {
+                    let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
+                    return Err(ImageError::UnknownFormat(format!("bytes {}", head.join(" "))));
+                }
+            },
         };
         self.resize(pixels, out);
         Ok(())

@@ -189,9 +189,10 @@ struct TransformArgs {
     /// Where the outputs go, same forms. <output>/<key relative to input>.out per input object.
     #[arg(long, env = "FERRY_OUTPUT")]
     output: String,
-    /// Content type of the inputs. JPEG and PNG are told apart by their bytes.
+    /// Content type of the inputs. Image formats are told apart by their bytes.
     #[arg(long, env = "FERRY_CONTENT_TYPE", default_value = "application/x-image",
-          value_parser = ["application/x-image", "image/jpeg", "image/png"])]
+          value_parser = ["application/x-image", "image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp",
+                          "image/tiff"])]
     content_type: String,
     /// Write only the K best classes (with labels when the model has labels.txt) instead of every
     /// score.
