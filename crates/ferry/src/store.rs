@@ -195,6 +195,12 @@ impl Location {
         Ok(tokio::task::spawn_blocking(move || walk(&root)).await.expect("listing a folder panicked"))
     }
 
+    /// Whether the prefix itself names an object of a store (`s3://bucket/images/cat.jpg`), which
+    /// a listing of the prefix does not show.
+    pub async fn is_object(&self) -> bool {
+        self.local.is_none() && !self.prefix.as_ref().is_empty() && self.store.head(&self.prefix).await.is_ok()
+    }
+
     /// Whether this is a local folder.
     pub fn is_local(&self) -> bool {
         self.local.is_some()

@@ -757,6 +757,12 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
             Err(reason) => failures.push(Failure { object: key.to_string(), record: None, reason }),
         }
     }
+    if objects_total == 0 {
+        return Err(JobError::Config(match input.is_object().await {
+            true => format!("{} is an object, not a prefix: give the prefix that holds it", input.url),
+            false => format!("no objects under {}", input.url),
+        }));
+    }
     let rejected = failures.len();
     if skipped > 0 {
         tracing::info!(skipped, "resuming: objects with an existing .out are skipped");

@@ -157,6 +157,17 @@ fn transform_reads_and_writes_s3() {
     let o = s.transform(&["--model", model.to_str().unwrap(), "--input", &input, "--output", &output, "--top-k", "3"]);
     assert!(o.status.success());
     assert!(stderr(&o).contains("5 already done"), "{}", stderr(&o));
+
+    // A prefix that names one object, or nothing at all, is a mistake to say, not an empty job.
+    let object = format!("s3://{}/{run}/images été/chelsea.jpg", s.bucket);
+    let nothing = format!("s3://{}/{run}/imagse/", s.bucket);
+    for (prefix, says) in
+        [(&object, format!("{object} is an object, not a prefix")), (&nothing, format!("no objects under {nothing}"))]
+    {
+        let o = s.transform(&["--model", model.to_str().unwrap(), "--input", prefix, "--output", &output]);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains(&says), "{}", stderr(&o));
+    }
 }
 
 #[test]

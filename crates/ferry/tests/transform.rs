@@ -532,6 +532,16 @@ fn an_unreachable_store_is_one_clear_message() {
 }
 
 #[test]
+fn an_input_folder_without_objects_is_an_error() {
+    // A mistyped or not yet filled prefix: saying so beats a job that succeeds having done nothing.
+    let (input, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (i, o) = (input.path().to_str().unwrap(), out.path().to_str().unwrap());
+    let o = transform(&["--model", mobilenet().to_str().unwrap(), "--input", i, "--output", o]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains(&format!("no objects under {i}")), "{}", stderr(&o));
+}
+
+#[test]
 fn a_killed_job_resumes_to_byte_identical_outputs() {
     let data = tempfile::tempdir().unwrap();
     make_dataset(data.path(), 120);
