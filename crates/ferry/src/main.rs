@@ -227,6 +227,11 @@ struct TransformArgs {
     /// Largest image, in declared pixels, that will be decoded; larger ones fail (image bombs).
     #[arg(long, env = "FERRY_MAX_IMAGE_PIXELS", default_value_t = 178_956_970)]
     max_image_pixels: u64,
+    /// Largest object, in MiB, that will be read; larger ones fail without being read (SageMaker's
+    /// MaxPayloadInMB).
+    #[arg(long, env = "FERRY_MAX_PAYLOAD_MB", default_value_t = transform::DEFAULT_MAX_PAYLOAD_MB,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_payload_mb: u64,
     /// Decode every JPEG at full size instead of at 1/2, 1/4 or 1/8 scale when that leaves at
     /// least twice the resized size.
     #[arg(long, env = "FERRY_NO_DCT_SCALING")]
@@ -278,6 +283,7 @@ impl TransformArgs {
             backend: self.backend,
             on_error: self.on_error,
             max_image_pixels: self.max_image_pixels,
+            max_payload: self.max_payload_mb << 20,
             dct_scaling: !self.no_dct_scaling,
             part_size: self.part_size_mb << 20,
             fsync: self.fsync,

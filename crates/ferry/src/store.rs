@@ -104,6 +104,33 @@ pub async fn get_bytes(store: &dyn ObjectStore, key: &Path) -> object_store::Res
     store.get(key).await?.bytes().await
 }
 
+/// Why [`get_bytes_within`] returned no bytes.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FetchError {
+    /// The store failed: a rerun may succeed.
+    #[error("read failed: {0}")]
+    Read(String),
+    /// The object is larger than the limit: it is what it is.
+    #[error("object is {size} bytes, over the payload limit of {} MiB (--max-payload-mb)", limit >> 20)]
+    TooLarge {
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+}
+
+/// The whole of one object if it holds at most `limit` bytes; a larger one is refused from the
+/// size its response declares, before its body is read.
+pub async fn get_bytes_within(store: &dyn ObjectStore, key: &Path, limit: u64) -> Result<Bytes, FetchError> {
+    let got = store.get(key).await.map_err(|e| FetchError::Read(e.to_string()))?;
+    let size = got.meta.size;
+    if size > limit {
+        return Err(FetchError::TooLarge { size, limit });
+    }
+    got.bytes().await.map_err(|e| FetchError::Read(e.to_string()))
+}
+
 impl Location {
     /// Opens `url`. With `create`, a local folder is created if missing (for outputs);
     /// `max_retries` bounds retries of a failed request to a remote store.

@@ -45,7 +45,7 @@ use crate::progress::{Progress, ProgressMode};
 use crate::sketch::profile::PROFILE_FILE;
 use crate::sketch::store::{claim, write_parquet, SketchRow};
 use crate::sketch::SketchProfile;
-use crate::store::{get_bytes, is_partial, Location, StoreError};
+use crate::store::{get_bytes_within, is_partial, FetchError, Location, StoreError};
 
 /// What to do with a record that fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
@@ -64,6 +64,11 @@ pub enum OnError {
 /// MobileNetV2 on 2 cores: the model alone ran 136–144 img/s at 2 against 125–132 at 8, a
 /// transform 125.5 against 117.1 (medians of 7 alternating rounds); ResNet-50 the same at both.
 pub const DEFAULT_MAX_BATCH_SIZE: usize = 2;
+
+/// The largest object read by default, in MiB: SageMaker Batch Transform's largest
+/// `MaxPayloadInMB`. Far above any photo, and a bound on what a stray video or archive in the
+/// input costs: `--max-concurrent` of them would otherwise be held in memory whole.
+pub const DEFAULT_MAX_PAYLOAD_MB: u64 = 100;
 
 /// Everything a transform job needs; build one with `..Default::default()`.
 #[derive(Debug, Clone)]
@@ -94,6 +99,8 @@ pub struct JobConfig {
     pub on_error: OnError,
     /// Largest image, in declared pixels, that will be decoded.
     pub max_image_pixels: u64,
+    /// Largest object, in bytes, that will be read; larger ones fail unread.
+    pub max_payload: u64,
     /// Decode large JPEGs at 1/2, 1/4 or 1/8 scale when that still leaves twice the resized size.
     pub dct_scaling: bool,
     /// Outputs larger than this are uploaded in parts of this size.
@@ -131,6 +138,7 @@ impl Default for JobConfig {
             backend: BackendKind::Auto,
             on_error: OnError::FailObject,
             max_image_pixels: 178_956_970,
+            max_payload: DEFAULT_MAX_PAYLOAD_MB << 20,
             dct_scaling: true,
             part_size: 8 << 20,
             fsync: false,
@@ -921,6 +929,7 @@ async fn run_pipeline(
     });
 
     let semaphore = Arc::new(Semaphore::new(cfg.max_concurrent));
+    let max_payload = cfg.max_payload;
     let feeder = {
         let (items, store, events, stats) = (items.clone(), input.store.clone(), event_tx.clone(), stats.clone());
         tokio::spawn(async move {
@@ -930,7 +939,7 @@ async fn run_pipeline(
                     (items.clone(), store.clone(), events.clone(), decode_tx.clone(), stats.clone());
                 tokio::spawn(async move {
                     let t = Instant::now();
-                    let got = get_bytes(store.as_ref(), &items[id].key).await;
+                    let got = get_bytes_within(store.as_ref(), &items[id].key, max_payload).await;
                     Stats::add(&stats.fetch_ns, t);
                     match got {
                         Ok(bytes) => {
@@ -938,9 +947,15 @@ async fn run_pipeline(
                             let _ = events.send(Event::Fetched { id, records: 1, permit }).await;
                             let _ = decode.send(DecodeJob { id, index: 0, bytes }).await;
                         }
+                        // Like an image bomb, a record: `--on-error error-record` writes its error.
+                        Err(e @ FetchError::TooLarge { .. }) => {
+                            let _ = events.send(Event::Fetched { id, records: 1, permit }).await;
+                            let outcome = Err(e.to_string());
+                            let _ = events.send(Event::Record { id, index: 0, outcome }).await;
+                        }
                         Err(e) => {
                             drop(permit);
-                            let _ = events.send(Event::FetchFailed { id, reason: format!("read failed: {e}") }).await;
+                            let _ = events.send(Event::FetchFailed { id, reason: e.to_string() }).await;
                         }
                     }
                 });

@@ -384,6 +384,8 @@ fn bad_inputs_fail_alone_and_are_named() {
     std::fs::write(input.path().join("empty.jpg"), b"").unwrap();
     std::fs::write(input.path().join("notes.txt"), b"not an image at all").unwrap();
     std::fs::write(input.path().join("bomb.jpg"), jpeg_claiming(50_000, 50_000)).unwrap();
+    // One byte over the payload limit given below: refused unread.
+    std::fs::write(input.path().join("clip.mp4"), vec![0u8; (1 << 20) + 1]).unwrap();
 
     let out = tempfile::tempdir().unwrap();
     let args = |out: &str| {
@@ -395,6 +397,8 @@ fn bad_inputs_fail_alone_and_are_named() {
             "--output".into(),
             out.to_string(),
             "--top-k".into(),
+            "1".into(),
+            "--max-payload-mb".into(),
             "1".into(),
         ]
     };
@@ -409,15 +413,16 @@ fn bad_inputs_fail_alone_and_are_named() {
         ("empty.jpg", "empty object"),
         ("notes.txt", "not a JPEG, PNG, WebP, GIF, BMP or TIFF image"),
         ("bomb.jpg", "50000x50000"),
+        ("clip.mp4", "object is 1048577 bytes, over the payload limit of 1 MiB (--max-payload-mb)"),
     ] {
         let line = err.lines().find(|l| l.contains(name)).unwrap_or_else(|| panic!("{name} not reported: {err}"));
         assert!(line.contains(reason) && line.contains("record 0"), "{line}");
     }
     assert_eq!(files(out.path()), ["_ferry/report.json", "good.jpg.out"]);
     let report = json(&out.path().join("_ferry/report.json"));
-    assert_eq!(report["objects_failed"], 5);
+    assert_eq!(report["objects_failed"], 6);
     assert_eq!(report["objects_succeeded"], 1);
-    assert_eq!(report["failures"].as_array().unwrap().len(), 5);
+    assert_eq!(report["failures"].as_array().unwrap().len(), 6);
 
     // error-record: every object gets its .out, with the error in place of the prediction.
     let out2 = tempfile::tempdir().unwrap();
@@ -425,9 +430,11 @@ fn bad_inputs_fail_alone_and_are_named() {
     a.extend(["--on-error".into(), "error-record".into()]);
     let o = transform(&a.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(files(out2.path()).len(), 7);
+    assert_eq!(files(out2.path()).len(), 8);
     let bomb = json(&out2.path().join("bomb.jpg.out"));
     assert!(bomb["predictions"][0]["error"].as_str().unwrap().contains("over the limit"), "{bomb}");
+    let clip = json(&out2.path().join("clip.mp4.out"));
+    assert!(clip["predictions"][0]["error"].as_str().unwrap().contains("payload limit"), "{clip}");
     assert_eq!(top_label(&out2.path().join("good.jpg.out")), "Egyptian cat");
 }
 
