@@ -229,7 +229,8 @@ impl ModelDir {
         let config: FerryToml = if toml_path.is_file() {
             let text = std::fs::read_to_string(&toml_path)
                 .map_err(|e| ModelError::Config { path: toml_path.clone(), reason: e.to_string() })?;
-            toml::from_str(&text).map_err(|e| ModelError::Config { path: toml_path.clone(), reason: e.to_string() })?
+            toml::from_str(without_bom(&text))
+                .map_err(|e| ModelError::Config { path: toml_path.clone(), reason: e.to_string() })?
         } else {
             FerryToml::default()
         };
@@ -237,7 +238,7 @@ impl ModelDir {
         let labels = if labels_path.is_file() {
             let text = std::fs::read_to_string(&labels_path)
                 .map_err(|e| ModelError::Config { path: labels_path.clone(), reason: e.to_string() })?;
-            Some(text.lines().map(|l| l.trim_end().to_string()).collect())
+            Some(without_bom(&text).lines().map(|l| l.trim_end().to_string()).collect())
         } else {
             None
         };
@@ -245,9 +246,26 @@ impl ModelDir {
     }
 }
 
+/// `text` without the byte-order mark some Windows editors put before UTF-8: it would become part
+/// of the first class name, or a TOML syntax error.
+fn without_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn files_saved_with_a_byte_order_mark_and_crlf_read_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("model.onnx"), b"x").unwrap();
+        std::fs::write(dir.path().join("ferry.toml"), "\u{feff}[input]\r\nresize = 256\r\n").unwrap();
+        std::fs::write(dir.path().join("labels.txt"), "\u{feff}tench\r\ngoldfish\r\n").unwrap();
+        let m = ModelDir::open(dir.path()).unwrap();
+        assert_eq!(m.input.resize, Some(Resize::ShortSide(256)));
+        assert_eq!(m.labels, Some(vec!["tench".to_string(), "goldfish".to_string()]));
+    }
 
     #[test]
     fn reads_a_full_ferry_toml() {
