@@ -40,6 +40,9 @@ pub enum StoreError {
     /// A URL scheme ferry does not speak.
     #[error("{0}: unsupported location (use a local path, file://, or s3://bucket/prefix)")]
     Unsupported(String),
+    /// The AWS profile named, or its files, could not be used.
+    #[error("{0}")]
+    Profile(String),
     /// A bucket prefix that is not a key (an empty part, a control character).
     #[error("{url}: the prefix is not a valid key ({reason})")]
     BadPrefix {
@@ -91,6 +94,109 @@ pub struct Folder {
     pub fsync: bool,
 }
 
+/// What the AWS CLI's shared files (`~/.aws/credentials`, `~/.aws/config`) give the profile
+/// `AWS_PROFILE` names (`default` when unset), for what the `AWS_*` variables leave out: how a
+/// laptop or a workstation is usually set up. Keys in the credentials file win over the config
+/// file's, as in the CLI. Profiles that get credentials by running something (SSO, a role,
+/// `credential_process`) are refused with the command that exports them.
+#[derive(Debug, Default, PartialEq)]
+struct SharedProfile {
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+    session_token: Option<String>,
+    region: Option<String>,
+    endpoint_url: Option<String>,
+}
+
+impl SharedProfile {
+    /// The profile from the files the environment points at, or `None` when the variables
+    /// already hold credentials or no file has the profile (unless `AWS_PROFILE` named it).
+    fn from_env() -> Result<Option<Self>, String> {
+        if std::env::var_os("AWS_ACCESS_KEY_ID").is_some() {
+            return Ok(None);
+        }
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+        let file =
+            |var: &str, name: &str| std::env::var_os(var).map_or_else(|| home.join(".aws").join(name), PathBuf::from);
+        let named = std::env::var("AWS_PROFILE").or_else(|_| std::env::var("AWS_DEFAULT_PROFILE")).ok();
+        let name = named.clone().unwrap_or_else(|| "default".into());
+        let profile =
+            Self::read(&file("AWS_SHARED_CREDENTIALS_FILE", "credentials"), &file("AWS_CONFIG_FILE", "config"), &name)?;
+        match profile {
+            None if named.is_some() => Err(format!(
+                "AWS_PROFILE={name}, but neither {} nor {} has that profile",
+                file("AWS_SHARED_CREDENTIALS_FILE", "credentials").display(),
+                file("AWS_CONFIG_FILE", "config").display()
+            )),
+            other => Ok(other),
+        }
+    }
+
+    /// Profile `name` from a credentials file and a config file (`[name]` in the first,
+    /// `[profile name]` in the second except for `default`); `None` if neither has it.
+    fn read(credentials: &std::path::Path, config: &std::path::Path, name: &str) -> Result<Option<Self>, String> {
+        let load = |path: &std::path::Path| -> Result<Option<ini::Ini>, String> {
+            if !path.is_file() {
+                return Ok(None);
+            }
+            // Secrets are taken as written: no quotes or escapes.
+            let opt = ini::ParseOption { enabled_quote: false, enabled_escape: false, ..Default::default() };
+            ini::Ini::load_from_file_opt(path, opt).map(Some).map_err(|e| format!("{}: {e}", path.display()))
+        };
+        let (creds, conf) = (load(credentials)?, load(config)?);
+        let in_config = if name == "default" { name.to_string() } else { format!("profile {name}") };
+        let sections = [
+            creds.as_ref().and_then(|i| i.section(Some(name))),
+            conf.as_ref().and_then(|i| i.section(Some(in_config.as_str()))),
+        ];
+        if sections.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let get = |key: &str| sections.iter().flatten().find_map(|s| s.get(key)).map(str::to_string);
+        let profile = Self {
+            access_key_id: get("aws_access_key_id"),
+            secret_access_key: get("aws_secret_access_key"),
+            session_token: get("aws_session_token"),
+            region: get("region"),
+            endpoint_url: get("endpoint_url"),
+        };
+        if profile.access_key_id.is_none() {
+            let how = ["sso_session", "sso_start_url", "role_arn", "credential_process", "web_identity_token_file"]
+                .into_iter()
+                .find(|k| get(k).is_some());
+            if let Some(how) = how {
+                return Err(format!(
+                    "AWS profile {name} gets its credentials through {how}, which ferry does not run; export them \
+                     first: eval \"$(aws configure export-credentials --profile {name} --format env)\""
+                ));
+            }
+        }
+        Ok(Some(profile))
+    }
+
+    /// `builder` with what the variables left unset.
+    fn apply(&self, mut builder: AmazonS3Builder) -> AmazonS3Builder {
+        use object_store::aws::AmazonS3ConfigKey as Key;
+        let unset = |key: Key| builder.get_config_value(&key).is_none();
+        let mut set = Vec::new();
+        for (key, value) in [
+            (Key::AccessKeyId, &self.access_key_id),
+            (Key::SecretAccessKey, &self.secret_access_key),
+            (Key::Token, &self.session_token),
+            (Key::Region, &self.region),
+            (Key::Endpoint, &self.endpoint_url),
+        ] {
+            if let Some(v) = value.as_ref().filter(|_| unset(key)) {
+                set.push((key, v.clone()));
+            }
+        }
+        for (key, value) in set {
+            builder = builder.with_config(key, value);
+        }
+        builder
+    }
+}
+
 /// The suffix of the hidden file a local write goes through.
 pub const PARTIAL_SUFFIX: &str = ".ferry-partial";
 
@@ -139,8 +245,12 @@ impl Location {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             let retry = RetryConfig { max_retries, ..Default::default() };
             let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket).with_retry(retry);
-            let endpoint = std::env::var("AWS_ENDPOINT_URL").or_else(|_| std::env::var("AWS_ENDPOINT"));
-            if endpoint.is_ok_and(|e| e.starts_with("http://")) {
+            let mut endpoint = std::env::var("AWS_ENDPOINT_URL").or_else(|_| std::env::var("AWS_ENDPOINT")).ok();
+            if let Some(profile) = SharedProfile::from_env().map_err(StoreError::Profile)? {
+                builder = profile.apply(builder);
+                endpoint = endpoint.or(profile.endpoint_url);
+            }
+            if endpoint.is_some_and(|e| e.starts_with("http://")) {
                 builder = builder.with_allow_http(true);
             }
             let store = builder.build().map_err(|source| StoreError::Config { url: url.to_string(), source })?;
@@ -244,11 +354,13 @@ impl Location {
             "AWS_CONTAINER_CREDENTIALS_FULL_URI",
             "AWS_SKIP_SIGNATURE",
         ];
-        if self.is_local() || SOURCES.iter().any(|v| std::env::var_os(v).is_some()) {
+        let profile = || SharedProfile::from_env().ok().flatten().is_some_and(|p| p.access_key_id.is_some());
+        if self.is_local() || SOURCES.iter().any(|v| std::env::var_os(v).is_some()) || profile() {
             return "";
         }
-        " (no AWS credentials are set: give AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a web identity token, \
-         or AWS_SKIP_SIGNATURE=true for a public bucket; without them the instance metadata service is asked)"
+        " (no AWS credentials are set: give AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile in \
+         ~/.aws/credentials, a web identity token, or AWS_SKIP_SIGNATURE=true for a public bucket; without them \
+         the instance metadata service is asked)"
     }
 
     /// `key` relative to this location's prefix, as its parts.

@@ -184,9 +184,12 @@ fn missing_credentials_are_named() {
         "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
         "AWS_CONTAINER_CREDENTIALS_FULL_URI",
         "AWS_SKIP_SIGNATURE",
+        "AWS_PROFILE",
     ] {
         c.env_remove(k);
     }
+    // Whatever this machine's ~/.aws holds.
+    c.env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials").env("AWS_CONFIG_FILE", "/nonexistent/config");
     let input = format!("s3://{}/nothing-here/", s.bucket);
     let out = tempfile::tempdir().unwrap();
     let o = c
@@ -318,4 +321,65 @@ fn sketches_are_fitted_written_and_queried_on_s3() {
     let count: f64 =
         ok(s.ferry(&["sketch", "count", "--sketches", &small, "--module", "espresso"])).trim().parse().unwrap();
     assert!((count - predicted).abs() <= 0.2 * predicted.max(10.0), "after erasure {count}, predicted {predicted}");
+}
+
+#[test]
+fn credentials_come_from_an_aws_cli_profile() {
+    // The AWS CLI's files, as `aws configure --profile ci` writes them, and no AWS_* variable
+    // but the profile's name: keys from the credentials file, region and endpoint from the config.
+    let s = server();
+    let get = |k: &str| s.env.iter().find(|(n, _)| n == k).unwrap().1.clone();
+    let run = format!("profile-{}-{}", std::process::id(), std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos());
+    let store = s.store();
+    block_on(async {
+        let bytes = std::fs::read(examples().join("chelsea.jpg")).unwrap();
+        store.put(&Path::from(format!("{run}/in/chelsea.jpg")), bytes.into()).await.unwrap();
+    });
+    let aws = tempfile::tempdir().unwrap();
+    let (credentials, config) = (aws.path().join("credentials"), aws.path().join("config"));
+    std::fs::write(
+        &credentials,
+        format!(
+            "[default]\naws_access_key_id = wrong\naws_secret_access_key = wrong\n\n[ci]\n\
+             aws_access_key_id = {}\naws_secret_access_key = {}\n\n[assumed]\nsource_profile = ci\n",
+            get("AWS_ACCESS_KEY_ID"),
+            get("AWS_SECRET_ACCESS_KEY")
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[profile ci]\nregion = {}\nendpoint_url = {}\n\n[profile assumed]\nrole_arn = arn:aws:iam::1:role/x\n",
+            get("AWS_REGION"),
+            s.endpoint
+        ),
+    )
+    .unwrap();
+    let job = |profile: &str, out: &std::path::Path| {
+        let mut c = ferry();
+        for k in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"]
+        {
+            c.env_remove(k);
+        }
+        c.env("AWS_SHARED_CREDENTIALS_FILE", &credentials).env("AWS_CONFIG_FILE", &config).env("AWS_PROFILE", profile);
+        let input = format!("s3://{}/{run}/in/", s.bucket);
+        c.args(["transform", "--model", mobilenet().to_str().unwrap(), "--input", &input, "--top-k", "1"])
+            .args(["--output", out.to_str().unwrap(), "--max-retries", "0"])
+            .output()
+            .unwrap()
+    };
+    let out = tempfile::tempdir().unwrap();
+    let o = job("ci", out.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v = json(&out.path().join("chelsea.jpg.out"));
+    assert_eq!(v["predictions"][0]["labels"][0], "Egyptian cat");
+
+    // A profile that assumes a role is not run, but said how to export; an unknown one is named.
+    let o = job("assumed", out.path());
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("aws configure export-credentials --profile assumed"), "{}", stderr(&o));
+    let o = job("nobody", out.path());
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("AWS_PROFILE=nobody"), "{}", stderr(&o));
 }
