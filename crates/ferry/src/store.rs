@@ -16,11 +16,12 @@
 //! `.<name>.ferry-partial` beside the target, renamed over it when complete: other tools skip
 //! dot-files, and a rerun that redoes the object overwrites and renames the same file.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::buffered::BufWriter;
 use object_store::local::LocalFileSystem;
@@ -324,7 +325,26 @@ impl Location {
     /// an error.
     pub async fn list_keys(&self) -> Result<(Vec<Path>, Vec<(String, String)>), object_store::Error> {
         let Some(local) = &self.local else {
-            let keys = self.store.list(Some(&self.prefix)).map_ok(|m| m.location).try_collect().await?;
+            let metas: Vec<object_store::ObjectMeta> = self.store.list(Some(&self.prefix)).try_collect().await?;
+            // The consoles' "create folder" leaves a zero-byte object whose key ends in `/`,
+            // listed without the slash (a `Path` has none), so reading it by that name finds
+            // nothing. A zero-byte entry that a HEAD does not find is such a marker, not an input;
+            // a real empty object is kept, and fails as one.
+            let markers: HashSet<Path> = futures::stream::iter(metas.iter().filter(|m| m.size == 0))
+                .map(|m| async move {
+                    match self.store.head(&m.location).await {
+                        Err(object_store::Error::NotFound { .. }) => Some(m.location.clone()),
+                        _ => None,
+                    }
+                })
+                .buffer_unordered(16)
+                .filter_map(std::future::ready)
+                .collect()
+                .await;
+            if !markers.is_empty() {
+                tracing::info!(count = markers.len(), url = %self.url, "skipping folder markers (keys ending in /)");
+            }
+            let keys = metas.into_iter().map(|m| m.location).filter(|k| !markers.contains(k)).collect();
             return Ok((keys, Vec::new()));
         };
         // A folder's store is rooted at the folder, so its keys are paths relative to it.

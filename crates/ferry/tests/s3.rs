@@ -383,3 +383,40 @@ fn credentials_come_from_an_aws_cli_profile() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("AWS_PROFILE=nobody"), "{}", stderr(&o));
 }
+
+#[test]
+fn folder_markers_are_not_inputs() {
+    // An S3 console's "create folder" leaves a zero-byte object whose key ends in "/". s3s-fs keeps
+    // objects as files and cannot hold such keys, so this bucket is served by moto's S3 server.
+    use std::io::BufRead;
+    let mut served = Command::new("python3")
+        .arg(repo().join("tests/s3_folder_markers.py"))
+        .arg(examples().join("chelsea.jpg"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 tests/s3_folder_markers.py");
+    let mut endpoint = String::new();
+    std::io::BufReader::new(served.stdout.take().unwrap()).read_line(&mut endpoint).unwrap();
+    assert!(
+        endpoint.starts_with("http://"),
+        "tests/s3_folder_markers.py printed {endpoint:?} (pip install moto[server])"
+    );
+    let _server = KillOnDrop(served);
+    let out = tempfile::tempdir().unwrap();
+    let o = ferry()
+        .args(["transform", "--model", mobilenet().to_str().unwrap(), "--input", "s3://markers/in/"])
+        .args(["--output", out.path().to_str().unwrap(), "--top-k", "1"])
+        .env("AWS_ENDPOINT_URL", endpoint.trim())
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    // The two markers are not objects; the real empty object fails as one.
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("3 objects (2 written, 1 failed"), "{err}");
+    assert!(err.contains("in/zero.jpg record 0: empty object"), "{err}");
+    assert_eq!(files(out.path()), ["_ferry/report.json", "cat.jpg.out", "sub/cat.jpg.out"]);
+}
