@@ -6,6 +6,7 @@
 //! is the separate `ferry-backend` crate.
 #![warn(missing_docs, missing_debug_implementations)]
 
+pub mod artifact;
 pub mod bench;
 pub mod encode;
 pub mod image;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use ferry::artifact;
 use ferry::progress::ProgressMode;
 use ferry::transform::{self, JobConfig, JobReport, OnError};
 use ferry_backend::BackendKind;
@@ -53,7 +54,7 @@ enum SketchCommand {
 struct FitArgs {
     /// A model directory whose ferry.toml names the features output.
     #[arg(long, env = "FERRY_MODEL")]
-    model: PathBuf,
+    model: String,
     /// Calibration images: a folder, file://PATH or s3://bucket/prefix.
     #[arg(long)]
     input: String,
@@ -158,7 +159,7 @@ struct EraseArgs {
 struct ModelBenchArgs {
     /// An .onnx file or a model directory.
     #[arg(long)]
-    model: PathBuf,
+    model: String,
     /// Records per model call.
     #[arg(long, default_value_t = transform::DEFAULT_MAX_BATCH_SIZE)]
     max_batch_size: usize,
@@ -181,7 +182,7 @@ struct TransformArgs {
     /// An .onnx file, or a model directory holding model.onnx and optionally ferry.toml and
     /// labels.txt.
     #[arg(long, env = "FERRY_MODEL")]
-    model: PathBuf,
+    model: String,
     /// Where the inputs are: a folder, file://PATH, or s3://bucket/prefix (S3 settings come from
     /// the AWS_* variables; AWS_ENDPOINT_URL for S3-compatible stores).
     #[arg(long, env = "FERRY_INPUT")]
@@ -267,10 +268,10 @@ struct TransformArgs {
 }
 
 impl TransformArgs {
-    fn into_config(self) -> JobConfig {
+    fn into_config(self, model: PathBuf) -> JobConfig {
         let defaults = JobConfig::default();
         JobConfig {
-            model: self.model,
+            model,
             input: self.input,
             output: self.output,
             top_k: self.top_k,
@@ -336,7 +337,14 @@ fn main() -> ExitCode {
         .expect("starting the async runtime");
     match cli.command {
         Command::Transform(args) => {
-            let config = args.into_config();
+            let artifact = match runtime.block_on(artifact::resolve(&args.model, args.max_retries)) {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let config = args.into_config(artifact.path.clone());
             match runtime.block_on(transform::run(config)) {
                 Ok(report) => summarise(&report),
                 Err(e) => {
@@ -357,8 +365,15 @@ fn main() -> ExitCode {
             }
         },
         Command::ModelBench(args) => {
+            let artifact = match runtime.block_on(artifact::resolve(&args.model, 10)) {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let config = ferry::bench::BenchConfig {
-                model: args.model,
+                model: artifact.path.clone(),
                 batch: args.max_batch_size,
                 threads: args.threads.unwrap_or_else(|| JobConfig::default().threads),
                 intra_op_threads: args.intra_op_threads,
@@ -385,8 +400,15 @@ async fn sketch(cmd: SketchCommand) -> Result<(), String> {
     let load = |set: SetArgs| async move { SketchSet::load(&set.sketches, set.max_retries).await };
     match cmd {
         SketchCommand::Fit(a) => {
+            let artifact = artifact::resolve(&a.model, 10).await.map_err(|e| e.to_string())?;
+            if artifact.temporary && a.output.is_none() {
+                return Err(format!(
+                    "{} is fetched or unpacked into a temporary folder: give --output for the profile",
+                    a.model
+                ));
+            }
             let cfg = ferry::sketch::fit::FitConfig {
-                model: a.model,
+                model: artifact.path.clone(),
                 input: a.input,
                 output: a.output,
                 limit: a.limit,

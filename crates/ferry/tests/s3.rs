@@ -420,3 +420,59 @@ fn folder_markers_are_not_inputs() {
     assert!(err.contains("in/zero.jpg record 0: empty object"), "{err}");
     assert_eq!(files(out.path()), ["_ferry/report.json", "cat.jpg.out", "sub/cat.jpg.out"]);
 }
+
+#[test]
+fn a_model_is_read_from_the_bucket() {
+    // As SageMaker keeps it: a model.tar.gz, or the model directory's files under a prefix.
+    let s = server();
+    let store = s.store();
+    let run = format!("model-{}-{}", std::process::id(), std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos());
+    let archive = tempfile::tempdir().unwrap();
+    let tar = archive.path().join("model.tar.gz");
+    let made = Command::new("tar")
+        .args([
+            "-czf",
+            tar.to_str().unwrap(),
+            "-C",
+            mobilenet().to_str().unwrap(),
+            "model.onnx",
+            "ferry.toml",
+            "labels.txt",
+        ])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    block_on(async {
+        let put = |key: String, path: std::path::PathBuf| {
+            let store = store.clone();
+            async move { store.put(&Path::from(key), std::fs::read(path).unwrap().into()).await.unwrap() }
+        };
+        put(format!("{run}/artifact/model.tar.gz"), tar.clone()).await;
+        for f in ["model.onnx", "ferry.toml", "labels.txt"] {
+            put(format!("{run}/dir/{f}"), mobilenet().join(f)).await;
+        }
+        put(format!("{run}/images/chelsea.jpg"), examples().join("chelsea.jpg")).await;
+    });
+    for model in [format!("s3://{}/{run}/artifact/model.tar.gz", s.bucket), format!("s3://{}/{run}/dir/", s.bucket)] {
+        let out = tempfile::tempdir().unwrap();
+        let input = format!("s3://{}/{run}/images/", s.bucket);
+        let o = s.transform(&[
+            "--model",
+            &model,
+            "--input",
+            &input,
+            "--output",
+            out.path().to_str().unwrap(),
+            "--top-k",
+            "1",
+        ]);
+        assert!(o.status.success(), "{model}: {}", stderr(&o));
+        let v = json(&out.path().join("chelsea.jpg.out"));
+        assert_eq!(v["predictions"][0]["labels"][0], "Egyptian cat", "{model}");
+    }
+    let nothing = format!("s3://{}/{run}/images/", s.bucket);
+    let out = tempfile::tempdir().unwrap();
+    let o = s.transform(&["--model", &nothing, "--input", &nothing, "--output", out.path().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains(&format!("{nothing} holds no model.onnx")), "{}", stderr(&o));
+}

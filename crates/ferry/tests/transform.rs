@@ -350,6 +350,60 @@ fn outputs_that_are_not_floats_are_written_as_they_are() {
 }
 
 #[test]
+fn a_model_archive_is_unpacked_and_its_escapes_refused() {
+    // SageMaker's model.tar.gz, written by Python's tarfile: the files at the top, or in a
+    // folder; and one with an entry that would land outside the folder it is unpacked into.
+    let dir = tempfile::tempdir().unwrap();
+    let escape = format!("ferry-escaped-{}.txt", std::process::id());
+    let script = r#"
+import io, os, sys, tarfile
+model, out, escape = sys.argv[1], sys.argv[2], sys.argv[3]
+names = ["model.onnx", "ferry.toml", "labels.txt"]
+with tarfile.open(os.path.join(out, "flat.tar.gz"), "w:gz") as t:
+    for f in names:
+        t.add(os.path.join(model, f), arcname=f)
+with tarfile.open(os.path.join(out, "nested.tgz"), "w:gz") as t:
+    t.add(model, arcname="mobilenet_v2")
+with tarfile.open(os.path.join(out, "escaping.tar.gz"), "w:gz") as t:
+    entry = tarfile.TarInfo("../" + escape)
+    entry.size = 1
+    t.addfile(entry, io.BytesIO(b"x"))
+    for f in names:
+        t.add(os.path.join(model, f), arcname=f)
+"#;
+    let made = Command::new("python3")
+        .args(["-c", script, mobilenet().to_str().unwrap(), dir.path().to_str().unwrap(), &escape])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    for archive in ["flat.tar.gz", "nested.tgz", "escaping.tar.gz"] {
+        let out = tempfile::tempdir().unwrap();
+        let (m, i) = (dir.path().join(archive), examples());
+        let o = transform(&[
+            "--model",
+            m.to_str().unwrap(),
+            "--input",
+            i.to_str().unwrap(),
+            "--output",
+            out.path().to_str().unwrap(),
+            "--top-k",
+            "1",
+        ]);
+        assert!(o.status.success(), "{archive}: {}", stderr(&o));
+        assert_eq!(top_label(&out.path().join("chelsea.jpg.out")), "Egyptian cat", "{archive}");
+    }
+    assert!(!std::env::temp_dir().join(&escape).exists(), "an entry was unpacked outside its folder");
+    // Unpacked into a temporary folder, which goes with the job.
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("ferry-model-"))
+        .filter(|e| e.path().join("mobilenet_v2").exists() || e.path().join("model.onnx").exists())
+        .collect();
+    assert!(left.is_empty(), "temporary model folders left behind: {left:?}");
+}
+
+#[test]
 fn labels_that_do_not_match_the_classes_are_warned_about() {
     let model = tempfile::tempdir().unwrap();
     for f in ["model.onnx", "ferry.toml"] {
