@@ -307,6 +307,13 @@ fn sketches_are_fitted_written_and_queried_on_s3() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         assert!(v["key"].as_str().unwrap().starts_with("coffee/"), "{hits}");
     }
+    // Keys are relative to the job's input: the image's URL, or its name without its folder, is
+    // answered with the key meant.
+    for asked in [format!("{input}/coffee/coffee_003.jpg"), "coffee_003.jpg".to_string()] {
+        let o = s.ferry(&["sketch", "similar", "--sketches", &set, "--to", &asked]);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains("did you mean coffee/coffee_003.jpg?"), "{}", stderr(&o));
+    }
     let count: f64 =
         ok(s.ferry(&["sketch", "count", "--sketches", &set, "--module", "espresso"])).trim().parse().unwrap();
     let predicted = (0..12)

@@ -77,12 +77,34 @@ impl Queries {
 
     /// The row of a key (and record; the first record when `None`).
     pub fn find(&self, key: &str, record: Option<i64>) -> Result<&SketchRow, String> {
-        self.set.rows.iter().find(|r| r.key == key && record.is_none_or(|i| r.record == i)).ok_or_else(
-            || match record {
+        self.set.rows.iter().find(|r| r.key == key && record.is_none_or(|i| r.record == i)).ok_or_else(|| {
+            let missing = match record {
                 Some(i) => format!("no sketch for {key} record {i}"),
                 None => format!("no sketch for {key}"),
-            },
-        )
+            };
+            match self.keys_like(key).as_slice() {
+                [] => missing,
+                like => format!("{missing}; keys are relative to the job's input, did you mean {}?", like.join(", ")),
+            }
+        })
+    }
+
+    /// Up to five keys `key` may have meant: the same but for case, what is left of it once a
+    /// leading `./`, the input's folder or its URL is taken off, or a key in a folder that ends
+    /// with it.
+    fn keys_like(&self, key: &str) -> Vec<String> {
+        let mut like: Vec<String> = Vec::new();
+        for r in &self.set.rows {
+            let k = r.key.as_str();
+            let tail = |long: &str, short: &str| long.strip_suffix(short).is_some_and(|head| head.ends_with('/'));
+            if (tail(key, k) || tail(k, key) || k.eq_ignore_ascii_case(key)) && !like.iter().any(|l| l == k) {
+                like.push(k.to_string());
+            }
+            if like.len() == 5 {
+                break;
+            }
+        }
+        like
     }
 
     /// The `k` records most similar to one, by cosine, best first; the record itself excluded.
