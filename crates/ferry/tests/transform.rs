@@ -8,7 +8,12 @@ use common::*;
 
 /// The example model over the example photos into `out`, with `extra` arguments.
 fn example_job(out: &std::path::Path, extra: &[&str]) -> std::process::Output {
-    let (model, input) = (mobilenet(), examples());
+    examples_through(&mobilenet(), out, extra)
+}
+
+/// A transform of the example photos through `model`.
+fn examples_through(model: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let input = examples();
     let mut args = vec!["--model", model.to_str().unwrap(), "--input", input.to_str().unwrap()];
     args.extend(["--output", out.to_str().unwrap()]);
     args.extend_from_slice(extra);
@@ -148,6 +153,25 @@ fn levels(out: &std::path::Path) -> Vec<f32> {
     px
 }
 
+/// Runs tests/pillow_variants.py into `dir` for `config` (a ferry.toml): the images in
+/// `dir/images`, Pillow's tensors in `dir/pillow`.
+fn pillow_variants(dir: &std::path::Path, config: &std::path::Path) -> Vec<String> {
+    let made = Command::new("python3").arg(repo().join("tests/pillow_variants.py")).arg(dir).arg(config).output();
+    let made = made.unwrap();
+    assert!(made.status.success(), "tests/pillow_variants.py: {}", String::from_utf8_lossy(&made.stderr));
+    files(&dir.join("images"))
+}
+
+/// How far `ours` (in levels) is from Pillow's tensor for `name` in `dir/pillow`: the largest and
+/// the mean difference, in levels.
+fn from_pillow(dir: &std::path::Path, name: &str, ours: &[f32]) -> (f32, f32) {
+    let bytes = std::fs::read(dir.join("pillow").join(format!("{name}.f32"))).unwrap();
+    let theirs: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) * 255.0).collect();
+    assert_eq!(theirs.len(), ours.len(), "{name}");
+    let diffs: Vec<f32> = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).collect();
+    (diffs.iter().copied().fold(0.0, f32::max), diffs.iter().sum::<f32>() / diffs.len() as f32)
+}
+
 #[test]
 fn preprocessing_matches_pillow_across_encodings_from_another_writer() {
     // Pillow writes the files (progressive, every chroma subsampling, greyscale, CMYK, restart
@@ -156,14 +180,8 @@ fn preprocessing_matches_pillow_across_encodings_from_another_writer() {
     // model.
     let dir = tempfile::tempdir().unwrap();
     let model = repo().join("tests/fixtures/identity_224");
-    let made = Command::new("python3")
-        .arg(repo().join("tests/pillow_variants.py"))
-        .args([dir.path(), &model.join("ferry.toml")])
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "tests/pillow_variants.py: {}", String::from_utf8_lossy(&made.stderr));
+    let names = pillow_variants(dir.path(), &model.join("ferry.toml"));
     let images = dir.path().join("images");
-    let names = files(&images);
     assert_eq!(names.len(), 26, "{names:?}");
 
     // Decoding at full size, as Pillow does, two resamplers rounding to 8 bits differ by at most
@@ -186,12 +204,7 @@ fn preprocessing_matches_pillow_across_encodings_from_another_writer() {
                 assert_eq!(ours, levels(&out.join("greyscale_8bit.png.out")), "{name}");
                 continue;
             }
-            let bytes = std::fs::read(dir.path().join("pillow").join(format!("{name}.f32"))).unwrap();
-            let theirs: Vec<f32> =
-                bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) * 255.0).collect();
-            let diffs: Vec<f32> = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).collect();
-            let worst = diffs.iter().copied().fold(0.0, f32::max);
-            let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+            let (worst, mean) = from_pillow(dir.path(), name, &ours);
             let allowed = if name == "cmyk.jpg" || name == "jpeg.tiff" { 2.0 } else { within } + 1e-3;
             assert!(worst <= allowed, "{mode} {name}: pixels differ from Pillow's by up to {worst} levels");
             assert!(mean < 0.3, "{mode} {name}: pixels differ from Pillow's by {mean} levels on average");
@@ -277,10 +290,7 @@ fn a_bare_greyscale_model_gets_pillows_luma() {
     let config = dir.path().join("pillow.toml");
     let toml = std::fs::read_to_string(model.join("ferry.toml")).unwrap();
     std::fs::write(&config, format!("{toml}channels = \"gray\"\n")).unwrap();
-    let made =
-        Command::new("python3").arg(repo().join("tests/pillow_variants.py")).arg(dir.path()).arg(&config).output();
-    let made = made.unwrap();
-    assert!(made.status.success(), "tests/pillow_variants.py: {}", String::from_utf8_lossy(&made.stderr));
+    let names = pillow_variants(dir.path(), &config);
     let (images, out) = (dir.path().join("images"), dir.path().join("out"));
     let o = transform(&[
         "--model",
@@ -291,7 +301,7 @@ fn a_bare_greyscale_model_gets_pillows_luma() {
         out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    for name in files(&images) {
+    for name in names {
         let ours = levels(&out.join(format!("{name}.out")));
         assert_eq!(ours.len(), 224 * 224, "{name}: one channel");
         if name == "greyscale_16bit.png" {
@@ -299,13 +309,7 @@ fn a_bare_greyscale_model_gets_pillows_luma() {
             assert_eq!(ours, levels(&out.join("greyscale_8bit.png.out")), "{name}");
             continue;
         }
-        let bytes = std::fs::read(dir.path().join("pillow").join(format!("{name}.f32"))).unwrap();
-        let theirs: Vec<f32> =
-            bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) * 255.0).collect();
-        assert_eq!(theirs.len(), ours.len(), "{name}");
-        let diffs: Vec<f32> = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).collect();
-        let worst = diffs.iter().copied().fold(0.0, f32::max);
-        let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+        let (worst, mean) = from_pillow(dir.path(), &name, &ours);
         assert!(worst <= 2.0 + 1e-3, "{name}: luma differs from Pillow's by up to {worst} levels");
         assert!(mean < 0.3, "{name}: luma differs from Pillow's by {mean} levels on average");
     }
@@ -319,17 +323,7 @@ fn outputs_that_are_not_floats_are_written_as_they_are() {
     let mut seen = Vec::new();
     for backend in ["ort", "tract"] {
         let out = tempfile::tempdir().unwrap();
-        let input = examples();
-        let o = transform(&[
-            "--model",
-            model.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            out.path().to_str().unwrap(),
-            "--backend",
-            backend,
-        ]);
+        let o = examples_through(&model, out.path(), &["--backend", backend]);
         assert!(o.status.success(), "{backend}: {}", stderr(&o));
         for name in ["astronaut.png.out", "chelsea.jpg.out", "coffee.png.out", "rocket.jpg.out"] {
             let p = json(&out.path().join(name))["predictions"][0].clone();
@@ -378,17 +372,7 @@ with tarfile.open(os.path.join(out, "escaping.tar.gz"), "w:gz") as t:
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
     for archive in ["flat.tar.gz", "nested.tgz", "escaping.tar.gz"] {
         let out = tempfile::tempdir().unwrap();
-        let (m, i) = (dir.path().join(archive), examples());
-        let o = transform(&[
-            "--model",
-            m.to_str().unwrap(),
-            "--input",
-            i.to_str().unwrap(),
-            "--output",
-            out.path().to_str().unwrap(),
-            "--top-k",
-            "1",
-        ]);
+        let o = examples_through(&dir.path().join(archive), out.path(), &["--top-k", "1"]);
         assert!(o.status.success(), "{archive}: {}", stderr(&o));
         assert_eq!(top_label(&out.path().join("chelsea.jpg.out")), "Egyptian cat", "{archive}");
     }
