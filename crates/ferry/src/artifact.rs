@@ -96,6 +96,12 @@ pub async fn resolve(model: &str, max_retries: usize) -> Result<Artifact, Artifa
     if let Some((name, reason)) = unlisted.first() {
         return Err(fetch(format!("{name}: {reason}")));
     }
+    if keys.len() > MAX_MODEL_FILES {
+        return Err(ArtifactError::NoModel(format!(
+            "{model} holds {} objects, not a model directory's few (model.onnx, ferry.toml, labels.txt, ...)",
+            keys.len()
+        )));
+    }
     for key in &keys {
         let parts = location.relative(key).unwrap_or_default();
         // `child` refuses parts that could climb out; the same rule keeps files inside `dir`.
@@ -108,6 +114,10 @@ pub async fn resolve(model: &str, max_retries: usize) -> Result<Artifact, Artifa
     }
     found(dir, model)
 }
+
+/// The most objects a model prefix is fetched with: a model directory holds a few files, and a
+/// prefix with many more is most likely a mistake (a bucket's root) that would be copied whole.
+const MAX_MODEL_FILES: usize = 64;
 
 fn temp_dir() -> Result<tempfile::TempDir, ArtifactError> {
     tempfile::Builder::new().prefix("ferry-model-").tempdir().map_err(|e| local(&std::env::temp_dir(), e))

@@ -482,4 +482,14 @@ fn a_model_is_read_from_the_bucket() {
     let o = s.transform(&["--model", &nothing, "--input", &nothing, "--output", out.path().to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains(&format!("{nothing} holds no model.onnx")), "{}", stderr(&o));
+    // A prefix of many objects (a bucket's root, say) is not copied.
+    block_on(async {
+        for i in 0..65 {
+            store.put(&Path::from(format!("{run}/many/{i}.txt")), vec![b'x'].into()).await.unwrap();
+        }
+    });
+    let many = format!("s3://{}/{run}/many/", s.bucket);
+    let o = s.transform(&["--model", &many, "--input", &nothing, "--output", out.path().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains(&format!("{many} holds 65 objects")), "{}", stderr(&o));
 }
