@@ -345,6 +345,12 @@ impl Default for LoadOptions {
     }
 }
 
+/// The folder holding a model file, where its external data (weights the file keeps beside it)
+/// lies: both runtimes are given the model's bytes, and would otherwise look in the working folder.
+fn model_folder(path: &Path) -> &Path {
+    path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
 /// The model file's bytes, with `extra` tensors appended to the graph's outputs.
 ///
 /// Only the tensor names are decoded; the weights are skipped, not copied. The new outputs go

@@ -215,10 +215,9 @@ impl OrtModel {
     }
 }
 
-/// The folder holding the model file, where its external data lies.
+/// [`crate::model_folder`], as a session option takes it.
 fn folder(path: &Path) -> String {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    dir.to_string_lossy().into_owned()
+    crate::model_folder(path).to_string_lossy().into_owned()
 }
 
 /// A session over the model, and the graph it optimised for this machine, in ONNX Runtime's
@@ -365,14 +364,16 @@ fn output(value: DynValue) -> std::result::Result<Output, String> {
         ValueType::Tensor { ty, .. } => *ty,
         other => return Err(format!("{other:?} is not a tensor")),
     };
-    let dims = |shape: &ort::value::Shape| shape.iter().map(|&d| d as usize).collect::<Vec<usize>>();
+    fn dims(shape: &ort::value::Shape) -> Vec<usize> {
+        shape.iter().map(|&d| d as usize).collect()
+    }
     fn ints<T: ort::value::PrimitiveTensorElementType + Copy + Into<i128>>(
         value: &DynValue,
     ) -> ort::Result<(Vec<usize>, Exact)> {
         let (shape, v) = value.try_extract_tensor::<T>()?;
         // Wider than i64 only for u64 values past i64::MAX, which saturate.
         let v = v.iter().map(|&x| x.into().clamp(i64::MIN as i128, i64::MAX as i128) as i64).collect();
-        Ok((shape.iter().map(|&d| d as usize).collect(), Exact::Int(v)))
+        Ok((dims(shape), Exact::Int(v)))
     }
     let exact = match ty {
         TensorElementType::Float32 => {

@@ -38,9 +38,8 @@ impl TractModel {
     pub(crate) fn load(path: &Path, bytes: &[u8]) -> Result<Self> {
         let onnx = tract_onnx::onnx();
         let proto = onnx.proto_model_for_read(&mut &bytes[..]).map_err(|e| load_error(path, e))?;
-        // Parsed with the model's folder, where its external data (if any) lies.
-        let folder = path.parent().and_then(Path::to_str).filter(|d| !d.is_empty()).unwrap_or(".");
-        let parsed = onnx.parse(&proto, Some(folder)).map_err(|e| load_error(path, e))?;
+        let folder = crate::model_folder(path).to_str();
+        let parsed = onnx.parse(&proto, folder).map_err(|e| load_error(path, e))?;
         if !parsed.unresolved_inputs.is_empty() {
             return Err(load_error(path, format!("inputs {:?} are not resolved", parsed.unresolved_inputs)));
         }

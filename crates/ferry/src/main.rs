@@ -314,6 +314,12 @@ fn batch_scheduling() {
     }
 }
 
+/// Says why a command could not run, and exits with 2.
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(2)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -339,10 +345,7 @@ fn main() -> ExitCode {
         Command::Transform(args) => {
             let artifact = match runtime.block_on(artifact::resolve(&args.model, args.max_retries)) {
                 Ok(a) => a,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
+                Err(e) => return fail(e),
             };
             let config = args.into_config(artifact.path.clone());
             match runtime.block_on(transform::run(config)) {
@@ -352,25 +355,18 @@ fn main() -> ExitCode {
                     if let transform::JobError::Report { report, .. } = &e {
                         summarise(report);
                     }
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
+                    fail(e)
                 }
             }
         }
         Command::Sketch(cmd) => match runtime.block_on(sketch(cmd)) {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
+            Err(e) => fail(e),
         },
         Command::ModelBench(args) => {
             let artifact = match runtime.block_on(artifact::resolve(&args.model, 10)) {
                 Ok(a) => a,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
+                Err(e) => return fail(e),
             };
             let config = ferry::bench::BenchConfig {
                 model: artifact.path.clone(),
@@ -385,10 +381,7 @@ fn main() -> ExitCode {
                     println!("{}", serde_json::to_string(&report).expect("the report serialises"));
                     ExitCode::SUCCESS
                 }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
-                }
+                Err(e) => fail(e),
             }
         }
     }

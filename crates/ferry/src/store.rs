@@ -111,8 +111,14 @@ struct SharedProfile {
 
 impl SharedProfile {
     /// The profile from the files the environment points at, or `None` when the variables
-    /// already hold credentials or no file has the profile (unless `AWS_PROFILE` named it).
-    fn from_env() -> Result<Option<Self>, String> {
+    /// already hold credentials or no file has the profile (unless `AWS_PROFILE` named it). Read
+    /// once per process: a job opens several locations, and its errors ask again.
+    fn from_env() -> Result<Option<&'static Self>, String> {
+        static PROFILE: std::sync::OnceLock<Result<Option<SharedProfile>, String>> = std::sync::OnceLock::new();
+        PROFILE.get_or_init(Self::read_env).as_ref().map(Option::as_ref).map_err(Clone::clone)
+    }
+
+    fn read_env() -> Result<Option<Self>, String> {
         if std::env::var_os("AWS_ACCESS_KEY_ID").is_some() {
             return Ok(None);
         }
@@ -178,8 +184,6 @@ impl SharedProfile {
     /// `builder` with what the variables left unset.
     fn apply(&self, mut builder: AmazonS3Builder) -> AmazonS3Builder {
         use object_store::aws::AmazonS3ConfigKey as Key;
-        let unset = |key: Key| builder.get_config_value(&key).is_none();
-        let mut set = Vec::new();
         for (key, value) in [
             (Key::AccessKeyId, &self.access_key_id),
             (Key::SecretAccessKey, &self.secret_access_key),
@@ -187,12 +191,9 @@ impl SharedProfile {
             (Key::Region, &self.region),
             (Key::Endpoint, &self.endpoint_url),
         ] {
-            if let Some(v) = value.as_ref().filter(|_| unset(key)) {
-                set.push((key, v.clone()));
+            if let Some(v) = value.as_ref().filter(|_| builder.get_config_value(&key).is_none()) {
+                builder = builder.with_config(key, v);
             }
-        }
-        for (key, value) in set {
-            builder = builder.with_config(key, value);
         }
         builder
     }
@@ -249,7 +250,7 @@ impl Location {
             let mut endpoint = std::env::var("AWS_ENDPOINT_URL").or_else(|_| std::env::var("AWS_ENDPOINT")).ok();
             if let Some(profile) = SharedProfile::from_env().map_err(StoreError::Profile)? {
                 builder = profile.apply(builder);
-                endpoint = endpoint.or(profile.endpoint_url);
+                endpoint = endpoint.or(profile.endpoint_url.clone());
             }
             if endpoint.is_some_and(|e| e.starts_with("http://")) {
                 builder = builder.with_allow_http(true);
