@@ -17,6 +17,11 @@ declare it, without a ferry.toml to say so.
 identity_grey_224: identity_224's geometry for a one-channel [N, 1, 224, 224] input, whose
 ferry.toml does not say that it is greyscale.
 
+identity_uint8_224: identity_nhwc_224 taking and returning uint8, as TensorFlow exports of image
+models declare their input: the pixels as they are, no ferry.toml.
+
+identity_fp16_224: identity_224 taking and returning float16, as half-precision exports declare it.
+
 conv_inline, conv_external: one model, a 3x3 convolution to 8 channels with seeded weights, then
 global average pooling, [N, 3, 224, 224] -> [N, 8]; stored with its weights inside the file, and
 with them in model.onnx.data beside it (ONNX external data, which PyTorch's exporter writes for
@@ -35,12 +40,12 @@ from onnx import TensorProto, helper, numpy_helper
 here = os.path.dirname(os.path.abspath(__file__))
 
 
-def identity(name, side, toml, batch="batch", channels_last=False, channels=3):
+def identity(name, side, toml, batch="batch", channels_last=False, channels=3, dtype=TensorProto.FLOAT):
     out = os.path.join(here, "..", "tests", "fixtures", name)
     os.makedirs(out, exist_ok=True)
     shape = [batch, side, side, channels] if channels_last else [batch, channels, side, side]
-    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, shape)
-    y = helper.make_tensor_value_info("same", TensorProto.FLOAT, shape)
+    x = helper.make_tensor_value_info("pixels", dtype, shape)
+    y = helper.make_tensor_value_info("same", dtype, shape)
     graph = helper.make_graph([helper.make_node("Identity", ["pixels"], ["same"])], name, [x], [y])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
@@ -59,6 +64,8 @@ identity("identity_224_batch1", 224, imagenet_geometry, batch=1)
 identity("identity_224_batch3", 224, imagenet_geometry, batch=3)
 identity("identity_nhwc_224", 224, None, channels_last=True)
 identity("identity_grey_224", 224, imagenet_geometry, channels=1)
+identity("identity_uint8_224", 224, None, channels_last=True, dtype=TensorProto.UINT8)
+identity("identity_fp16_224", 224, "[input]\nresize = 256\ncrop = [224, 224]\n", dtype=TensorProto.FLOAT16)
 
 
 def conv(name, external):

@@ -456,20 +456,83 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<Arc<dyn Model>> {
     }
 }
 
-/// Checks that a model has exactly one `float` input and that `shape` fits it.
-pub fn check_input(info: &ModelInfo, shape: &[usize]) -> Result<()> {
+/// An element type ferry feeds a model's input. Every batch is built as `f32` and converted on
+/// its way into the runtime: half and double precision models get the same numbers rounded, and
+/// integer models (TensorFlow exports that take `uint8` images) get whole pixel values, which
+/// the caller must make integral (see [`InputType::integer_range`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputType {
+    /// `float`.
+    F32,
+    /// `float16`.
+    F16,
+    /// `double`.
+    F64,
+    /// `uint8`.
+    U8,
+    /// `int8`.
+    I8,
+    /// `uint16`.
+    U16,
+    /// `int16`.
+    I16,
+    /// `int32`.
+    I32,
+    /// `int64`.
+    I64,
+}
+
+impl InputType {
+    /// The type ONNX calls `name` (as [`IoInfo::dtype`] gives it), when ferry feeds it.
+    pub fn from_onnx(name: &str) -> Option<Self> {
+        Some(match name {
+            "float" => Self::F32,
+            "float16" => Self::F16,
+            "double" => Self::F64,
+            "uint8" => Self::U8,
+            "int8" => Self::I8,
+            "uint16" => Self::U16,
+            "int16" => Self::I16,
+            "int32" => Self::I32,
+            "int64" => Self::I64,
+            _ => return None,
+        })
+    }
+
+    /// The smallest and largest value of an integer type; `None` for floats.
+    pub fn integer_range(self) -> Option<(f64, f64)> {
+        Some(match self {
+            Self::F32 | Self::F16 | Self::F64 => return None,
+            Self::U8 => (0.0, u8::MAX as f64),
+            Self::I8 => (i8::MIN as f64, i8::MAX as f64),
+            Self::U16 => (0.0, u16::MAX as f64),
+            Self::I16 => (i16::MIN as f64, i16::MAX as f64),
+            Self::I32 => (i32::MIN as f64, i32::MAX as f64),
+            Self::I64 => (i64::MIN as f64, i64::MAX as f64),
+        })
+    }
+}
+
+/// The type of a model's only input, when ferry feeds it.
+pub fn input_type(info: &ModelInfo) -> Result<InputType> {
     let [input] = info.inputs.as_slice() else {
         return Err(BackendError::Unsupported(format!(
             "the model has {} inputs; ferry feeds models with exactly one",
             info.inputs.len()
         )));
     };
-    if input.dtype != "float" {
-        return Err(BackendError::Unsupported(format!(
-            "input {} is {}, ferry feeds float tensors",
+    InputType::from_onnx(&input.dtype).ok_or_else(|| {
+        BackendError::Unsupported(format!(
+            "input {} is {}; ferry feeds float (32, 16 or 64-bit) and integer tensors",
             input.name, input.dtype
-        )));
-    }
+        ))
+    })
+}
+
+/// Checks that a model has exactly one input of a type ferry feeds, and that `shape` fits it.
+pub fn check_input(info: &ModelInfo, shape: &[usize]) -> Result<InputType> {
+    let ty = input_type(info)?;
+    let input = &info.inputs[0];
     if !input.accepts(shape) {
         return Err(BackendError::Shape {
             name: input.name.clone(),
@@ -477,7 +540,7 @@ pub fn check_input(info: &ModelInfo, shape: &[usize]) -> Result<()> {
             got: shape.to_vec(),
         });
     }
-    Ok(())
+    Ok(ty)
 }
 
 #[cfg(test)]
@@ -518,5 +581,13 @@ mod tests {
         };
         let err = check_input(&info, &[1, 4]).unwrap_err().to_string();
         assert!(err.contains("[1, 4]") && err.contains("[?, 3]"), "{err}");
+        let typed = |dtype: &str| ModelInfo {
+            inputs: vec![IoInfo { name: "x".into(), dtype: dtype.into(), shape: vec![None, Some(3)] }],
+            outputs: vec![],
+        };
+        assert_eq!(check_input(&typed("uint8"), &[2, 3]).unwrap(), InputType::U8);
+        assert_eq!(check_input(&typed("float16"), &[2, 3]).unwrap(), InputType::F16);
+        let err = check_input(&typed("string"), &[2, 3]).unwrap_err().to_string();
+        assert!(err.contains("input x is string; ferry feeds float"), "{err}");
     }
 }

@@ -10,11 +10,12 @@ use std::process::Command;
 use std::sync::{Arc, OnceLock};
 
 use ort::session::builder::{GraphOptimizationLevel, PrepackedWeights, SessionBuilder};
-use ort::session::Session;
+use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, TensorElementType, TensorRef, ValueType};
 
 use crate::{
-    Backend, BackendError, Exact, IoInfo, LoadOptions, Model, ModelInfo, Output, OutputValues, Result, Tensor,
+    Backend, BackendError, Exact, InputType, IoInfo, LoadOptions, Model, ModelInfo, Output, OutputValues, Result,
+    Tensor,
 };
 
 static ENVIRONMENT: OnceLock<std::result::Result<(ort::environment::Environment, PathBuf), String>> = OnceLock::new();
@@ -306,6 +307,13 @@ fn element_name(ty: TensorElementType) -> String {
         TensorElementType::Int64 => "int64".into(),
         TensorElementType::Int32 => "int32".into(),
         TensorElementType::Uint8 => "uint8".into(),
+        TensorElementType::Int8 => "int8".into(),
+        TensorElementType::Uint16 => "uint16".into(),
+        TensorElementType::Int16 => "int16".into(),
+        TensorElementType::Uint32 => "uint32".into(),
+        TensorElementType::Uint64 => "uint64".into(),
+        TensorElementType::Bool => "bool".into(),
+        TensorElementType::Bfloat16 => "bfloat16".into(),
         TensorElementType::String => "string".into(),
         other => other.to_string(),
     }
@@ -343,9 +351,22 @@ struct OrtBackend {
 
 impl Backend for OrtBackend {
     fn run(&mut self, input: &Tensor) -> Result<Vec<Output>> {
-        crate::check_input(&self.info, &input.shape)?;
-        let value = TensorRef::from_array_view((input.shape.clone(), input.data.as_slice()))
-            .map_err(|e| BackendError::Run(e.to_string()))?;
+        let ty = crate::check_input(&self.info, &input.shape)?;
+        let run_error = |e: ort::Error| BackendError::Run(e.to_string());
+        let value: SessionInputValue<'_> = match ty {
+            InputType::F32 => {
+                TensorRef::from_array_view((input.shape.clone(), input.data.as_slice())).map_err(run_error)?.into()
+            }
+            InputType::F16 => converted(input, half::f16::from_f32).map_err(run_error)?.into(),
+            InputType::F64 => converted(input, |x| x as f64).map_err(run_error)?.into(),
+            // Integer inputs are given whole values; `as` saturates anything outside the type.
+            InputType::U8 => converted(input, |x| x as u8).map_err(run_error)?.into(),
+            InputType::I8 => converted(input, |x| x as i8).map_err(run_error)?.into(),
+            InputType::U16 => converted(input, |x| x as u16).map_err(run_error)?.into(),
+            InputType::I16 => converted(input, |x| x as i16).map_err(run_error)?.into(),
+            InputType::I32 => converted(input, |x| x as i32).map_err(run_error)?.into(),
+            InputType::I64 => converted(input, |x| x as i64).map_err(run_error)?.into(),
+        };
         let mut outputs = self.session.run(ort::inputs![value]).map_err(|e| BackendError::Run(e.to_string()))?;
         let mut tensors = Vec::with_capacity(self.info.outputs.len());
         for io in &self.info.outputs {
@@ -356,6 +377,15 @@ impl Backend for OrtBackend {
         }
         Ok(tensors)
     }
+}
+
+/// `input` converted value by value into a tensor of another element type.
+fn converted<T: ort::value::PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static>(
+    input: &Tensor,
+    f: impl Fn(f32) -> T,
+) -> ort::Result<DynValue> {
+    let data: Vec<T> = input.data.iter().map(|&x| f(x)).collect();
+    Ok(ort::value::Tensor::from_array((input.shape.clone(), data))?.into_dyn())
 }
 
 /// A batch's output: floats where ONNX Runtime left them, anything else converted.
@@ -383,6 +413,10 @@ fn output(value: DynValue) -> std::result::Result<Output, String> {
         TensorElementType::Float64 => {
             let (shape, v) = value.try_extract_tensor::<f64>().map_err(|e| e.to_string())?;
             return Ok(Output::new(dims(shape), v.iter().map(|&x| x as f32).collect::<Vec<f32>>()));
+        }
+        TensorElementType::Float16 => {
+            let (shape, v) = value.try_extract_tensor::<half::f16>().map_err(|e| e.to_string())?;
+            return Ok(Output::new(dims(shape), v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>()));
         }
         TensorElementType::Int64 => ints::<i64>(&value),
         TensorElementType::Int32 => ints::<i32>(&value),

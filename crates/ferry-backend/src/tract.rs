@@ -21,6 +21,8 @@ struct Inner {
     path: PathBuf,
     model: InferenceModel,
     info: ModelInfo,
+    /// The element type the model's input takes: batches arrive as `f32` and are cast to it.
+    input_type: DatumType,
     plans: Mutex<HashMap<Vec<usize>, Arc<Plan>>>,
 }
 
@@ -59,7 +61,12 @@ impl TractModel {
                 .collect()
         };
         let info = ModelInfo { inputs: describe(&typed.inputs)?, outputs: describe(&typed.outputs)? };
-        Ok(Self(Arc::new(Inner { path: path.to_owned(), model, info, plans: Mutex::new(HashMap::new()) })))
+        let input_type = match typed.inputs.first() {
+            Some(&o) => typed.outlet_fact(o).map_err(|e| load_error(path, e))?.datum_type,
+            None => DatumType::F32,
+        };
+        let plans = Mutex::new(HashMap::new());
+        Ok(Self(Arc::new(Inner { path: path.to_owned(), model, info, input_type, plans })))
     }
 }
 
@@ -71,10 +78,11 @@ impl Inner {
         }
         let mut shape = vec![1];
         shape.extend_from_slice(item_shape);
+        let fact = InferenceFact::dt_shape(self.input_type, &shape);
         let plan = self
             .model
             .clone()
-            .with_input_fact(0, f32::fact(&shape).into())
+            .with_input_fact(0, fact)
             .and_then(|m| m.into_optimized())
             .and_then(|m| m.into_runnable())
             .map_err(|e| load_error(&self.path, e))?;
@@ -91,6 +99,13 @@ fn onnx_type_name(t: DatumType) -> String {
         DatumType::I64 => "int64".into(),
         DatumType::I32 => "int32".into(),
         DatumType::U8 => "uint8".into(),
+        DatumType::I8 => "int8".into(),
+        DatumType::U16 => "uint16".into(),
+        DatumType::I16 => "int16".into(),
+        DatumType::U32 => "uint32".into(),
+        DatumType::U64 => "uint64".into(),
+        DatumType::Bool => "bool".into(),
+        DatumType::String => "string".into(),
         other => format!("{other:?}").to_lowercase(),
     }
 }
@@ -123,7 +138,9 @@ impl Backend for TractBackend {
         item_shape.extend_from_slice(&input.shape[1..]);
         let mut outputs: Vec<(Vec<usize>, Values)> = Vec::new();
         for i in 0..batch {
+            // Integer inputs arrive as whole values, which tract's cast keeps.
             let item = tract_onnx::prelude::Tensor::from_shape(&item_shape, input.row(i))
+                .and_then(|t| t.cast_to_dt(model.input_type).map(|t| t.into_owned()))
                 .map_err(|e| BackendError::Run(e.to_string()))?;
             let result = plan.run(tvec![item.into_tvalue()]).map_err(|e| BackendError::Run(format!("{e:#}")))?;
             if outputs.is_empty() {

@@ -95,7 +95,22 @@ impl ImagePlan {
                 channels.count()
             )));
         }
-        Self::new(&spec, spec.declared_hw(info), max_pixels)
+        let plan = Self::new(&spec, spec.declared_hw(info), max_pixels)?;
+        let input = info.inputs.first();
+        if let Some((input, (lo, hi))) =
+            input.and_then(|i| Some((i, ferry_backend::InputType::from_onnx(&i.dtype)?.integer_range()?)))
+        {
+            // Every value the tensor can hold comes from the tables, so checking them checks all.
+            let whole = |x: f32| x.fract() == 0.0 && (lo..=hi).contains(&(x as f64));
+            if let Some((v, x)) = plan.lut.iter().flat_map(|t| t.iter().enumerate()).find(|(_, &x)| !whole(x)) {
+                return Err(PlanError(format!(
+                    "the model's input {} is {}, which holds whole numbers from {lo} to {hi}; ferry.toml's \
+                     scale, mean and std make pixel value {v} into {x}",
+                    input.name, input.dtype
+                )));
+            }
+        }
+        Ok(plan)
     }
 
     /// Builds the plan for `spec`; `model_hw` is the model's input height and width when the model
@@ -131,7 +146,8 @@ impl ImagePlan {
                 )));
             }
         }
-        if spec.scale == 0.0 || spec.std.contains(&0.0) {
+        let scale = spec.scale.unwrap_or(255.0);
+        if scale == 0.0 || spec.std.contains(&0.0) {
             return Err(PlanError("scale and std must not be zero".into()));
         }
         let channels = spec.channels.unwrap_or_default();
@@ -150,7 +166,7 @@ impl ImagePlan {
         let mut lut = [[0f32; 256]; 3];
         for (c, table) in lut.iter_mut().enumerate() {
             for (v, slot) in table.iter_mut().enumerate() {
-                let x = v as f64 / spec.scale as f64;
+                let x = v as f64 / scale as f64;
                 *slot = ((x - of(&spec.mean, c)) / of(&spec.std, c)) as f32;
             }
         }
@@ -493,6 +509,41 @@ mod tests {
         let two = ImageInput { std: vec![0.5; 2], ..ImageInput::default() };
         let err = ImagePlan::for_model(&two, &info(3), 1 << 28).unwrap_err().to_string();
         assert!(err.contains("std has 2 values"), "{err}");
+    }
+
+    /// An integer input gets whole pixel values: scale 1 unless written, and settings that make
+    /// fractions or values the type cannot hold are refused before any image is read.
+    #[test]
+    fn an_integer_input_gets_whole_pixel_values() {
+        let info = |dtype: &str| ferry_backend::ModelInfo {
+            inputs: vec![ferry_backend::IoInfo {
+                name: "x".into(),
+                dtype: dtype.into(),
+                shape: vec![None, Some(2), Some(2), Some(3)],
+            }],
+            outputs: vec![],
+        };
+        let pixels = [0, 1, 2, 127, 128, 129, 200, 254, 255, 9, 99, 250];
+        let run = |spec: &ImageInput, dtype: &str| {
+            let plan = ImagePlan::for_model(spec, &info(dtype), 1 << 28)?;
+            let mut out = vec![0.0; 12];
+            plan.normalise(&pixels, &mut out);
+            Ok::<_, PlanError>(out)
+        };
+        let bare = ImageInput::default();
+        assert_eq!(run(&bare, "uint8").unwrap(), pixels.map(f32::from));
+        assert_eq!(run(&bare, "float").unwrap(), pixels.map(|p| p as f32 / 255.0));
+        // int8 with a zero point of 128, as quantised exports take it.
+        let centred = ImageInput { mean: vec![128.0], ..ImageInput::default() };
+        assert_eq!(run(&centred, "int8").unwrap(), pixels.map(|p| p as f32 - 128.0));
+        let err = run(&centred, "uint8").unwrap_err().to_string();
+        assert!(
+            err.contains("x is uint8, which holds whole numbers from 0 to 255") && err.contains("0 into -128"),
+            "{err}"
+        );
+        let scaled = ImageInput { scale: Some(255.0), ..ImageInput::default() };
+        let err = run(&scaled, "int32").unwrap_err().to_string();
+        assert!(err.contains("pixel value 1 into 0.003921"), "{err}");
     }
 
     /// The box a resize reads never reaches past the image, whatever the sizes: 224 · (457 / 224)

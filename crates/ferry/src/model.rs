@@ -36,9 +36,10 @@ pub struct ImageInput {
     /// Centre crop `[h, w]` after resizing.
     #[serde(default)]
     pub crop: Option<[u32; 2]>,
-    /// Pixels are divided by this before `mean`/`std` are applied.
-    #[serde(default = "default_scale")]
-    pub scale: f32,
+    /// Pixels are divided by this before `mean`/`std` are applied; absent, 255 for a model that
+    /// takes floats and 1 for one that takes integers (see [`ImageInput::for_model`]).
+    #[serde(default)]
+    pub scale: Option<f32>,
     /// Mean subtracted after scaling: one per channel (red, green, blue), or one for all.
     #[serde(default = "zero")]
     pub mean: Vec<f32>,
@@ -55,30 +56,30 @@ pub struct ImageInput {
 
 impl Default for ImageInput {
     fn default() -> Self {
-        Self {
-            resize: None,
-            crop: None,
-            scale: default_scale(),
-            mean: zero(),
-            std: one(),
-            channels: None,
-            layout: None,
-        }
+        Self { resize: None, crop: None, scale: None, mean: zero(), std: one(), channels: None, layout: None }
     }
 }
 
 impl ImageInput {
-    /// This pre-processing with its layout and channels settled for `info`'s input, each as
+    /// This pre-processing with its layout, channels and scale settled for `info`'s input, each as
     /// written, else read from the model. Layout: channels last when the input's last axis is 3
     /// or 1 and its second is neither (`[N, 224, 224, 3]`, as TensorFlow exports declare it),
-    /// else channels first. Channels: greyscale when the channel axis is 1, else RGB.
+    /// else channels first. Channels: greyscale when the channel axis is 1, else RGB. Scale: 1
+    /// when the input takes integers (the pixels as they are, as a `uint8` image input of a
+    /// TensorFlow export expects them), else 255.
     pub fn for_model(&self, info: &ferry_backend::ModelInfo) -> Self {
+        let integer = info
+            .inputs
+            .first()
+            .and_then(|i| ferry_backend::InputType::from_onnx(&i.dtype))
+            .is_some_and(|t| t.integer_range().is_some());
+        let scale = Some(self.scale.unwrap_or(if integer { 1.0 } else { 255.0 }));
         let few = |c: &Option<usize>| matches!(c, Some(1 | 3));
         let inferred = match info.inputs.first().map(|i| i.shape.as_slice()) {
             Some([_, c, _, last]) if few(last) && !few(c) => Layout::Nhwc,
             _ => Layout::Nchw,
         };
-        let settled = Self { layout: Some(self.layout.unwrap_or(inferred)), ..self.clone() };
+        let settled = Self { layout: Some(self.layout.unwrap_or(inferred)), scale, ..self.clone() };
         let channels = match settled.declared_channels(info) {
             Some(1) => Channels::Gray,
             _ => Channels::Rgb,
@@ -105,9 +106,6 @@ impl ImageInput {
     }
 }
 
-fn default_scale() -> f32 {
-    255.0
-}
 fn zero() -> Vec<f32> {
     vec![0.0]
 }

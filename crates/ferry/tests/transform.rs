@@ -281,6 +281,64 @@ fn a_bare_channels_last_model_is_fed_channels_last() {
 }
 
 #[test]
+fn integer_and_half_precision_models_are_fed_their_own_types() {
+    // A uint8 input, as TensorFlow exports of image models declare it, takes the pixels as they
+    // are (no ferry.toml); a float16 input takes the float pixels rounded to half precision. Each
+    // output comes back in its own type: the uint8 one as JSON integers.
+    let through = |fixture: &str, backend: &str, out: &std::path::Path| {
+        let o = examples_through(&repo().join("tests/fixtures").join(fixture), out, &["--backend", backend]);
+        assert!(o.status.success(), "{fixture} on {backend}: {}", stderr(&o));
+    };
+    let (nhwc, nchw) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    through("identity_nhwc_224", "ort", nhwc.path());
+    through("identity_224", "ort", nchw.path());
+    let flat = |v: &serde_json::Value| -> Vec<serde_json::Value> {
+        let mut all = Vec::new();
+        let mut stack = vec![v.clone()];
+        while let Some(v) = stack.pop() {
+            match v {
+                serde_json::Value::Array(items) => stack.extend(items.into_iter().rev()),
+                other => all.push(other),
+            }
+        }
+        all
+    };
+    for backend in ["ort", "tract"] {
+        let (bytes, halves) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        through("identity_uint8_224", backend, bytes.path());
+        through("identity_fp16_224", backend, halves.path());
+        for name in ["astronaut.png.out", "chelsea.jpg.out", "coffee.png.out", "rocket.jpg.out"] {
+            let pixels = flat(&json(&bytes.path().join(name))["predictions"][0]);
+            let floats = flat(&json(&nhwc.path().join(name))["predictions"][0]);
+            assert_eq!(pixels.len(), 224 * 224 * 3, "{backend} {name}");
+            for (p, f) in pixels.iter().zip(&floats) {
+                let p = p.as_u64().unwrap_or_else(|| panic!("{backend} {name}: {p} is not a whole pixel value"));
+                assert_eq!(p as f64, (f.as_f64().unwrap() * 255.0).round(), "{backend} {name}");
+            }
+            let half = flat(&json(&halves.path().join(name))["predictions"][0]);
+            let full = flat(&json(&nchw.path().join(name))["predictions"][0]);
+            assert_eq!(half.len(), full.len(), "{backend} {name}");
+            let worst = half.iter().zip(&full).map(|(h, f)| (h.as_f64().unwrap() - f.as_f64().unwrap()).abs());
+            // float16 has an 11-bit significand: values in [0, 1] are within 2^-12 of their floats.
+            assert!(worst.fold(0.0, f64::max) <= 2f64.powi(-12), "{backend} {name}");
+        }
+    }
+}
+
+#[test]
+fn an_integer_model_refuses_settings_that_make_fractions() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(repo().join("tests/fixtures/identity_uint8_224/model.onnx"), dir.path().join("model.onnx")).unwrap();
+    std::fs::write(dir.path().join("ferry.toml"), "[input]\nmean = [0.485, 0.456, 0.406]\n").unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let o = examples_through(dir.path(), out.path(), &[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("input pixels is uint8, which holds whole numbers from 0 to 255"), "{err}");
+    assert!(files(out.path()).is_empty(), "refused before any object: {:?}", files(out.path()));
+}
+
+#[test]
 fn a_bare_greyscale_model_gets_pillows_luma() {
     // [N, 1, 224, 224], and no ferry.toml line says greyscale: the channel count is read from
     // the model. Pillow converts to "L" before resizing, ferry after, so each rounding may fall
