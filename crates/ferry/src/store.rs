@@ -52,6 +52,18 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
+    /// An endpoint that is not an `http://` or `https://` URL, which the store would only find out
+    /// when it signs its first request.
+    #[error("{from} {value:?} is not an http:// or https:// URL with a host (e.g. http://127.0.0.1:9000)")]
+    BadEndpoint {
+        /// Where it was given: a variable, or the profile's `endpoint_url`.
+        from: String,
+        /// What was given.
+        value: String,
+    },
+    /// A credential that cannot be sent as it is.
+    #[error("{0}")]
+    BadCredential(String),
     /// The object store refused the configuration.
     #[error("{url}: {source}")]
     Config {
@@ -239,6 +251,26 @@ pub async fn get_bytes_within(store: &dyn ObjectStore, key: &Path, limit: u64) -
     got.bytes().await.map_err(|e| FetchError::Read(e.to_string()))
 }
 
+/// Whether an endpoint URL is plain `http://` (a local S3-compatible server), or why it is not a
+/// URL at all: `localhost:9000` parses as a URL of scheme `localhost`.
+fn plain_http(from: String, value: String) -> Result<bool, StoreError> {
+    match url::Url::parse(&value) {
+        Ok(u) if u.has_host() && matches!(u.scheme(), "http" | "https") => Ok(u.scheme() == "http"),
+        _ => Err(StoreError::BadEndpoint { from, value }),
+    }
+}
+
+/// Refuses a value bound for a request header that holds a control character.
+fn header_safe(from: &str, value: &str) -> Result<(), StoreError> {
+    match value.bytes().position(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        None => Ok(()),
+        Some(at) => Err(StoreError::BadCredential(format!(
+            "{from} holds a line break or other control character (byte {at} of {}): give it without",
+            value.len()
+        ))),
+    }
+}
+
 impl Location {
     /// Opens `url`. With `create`, a local folder is created if missing (for outputs);
     /// `max_retries` bounds retries of a failed request to a remote store.
@@ -247,13 +279,21 @@ impl Location {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             let retry = RetryConfig { max_retries, ..Default::default() };
             let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket).with_retry(retry);
-            let mut endpoint = std::env::var("AWS_ENDPOINT_URL").or_else(|_| std::env::var("AWS_ENDPOINT")).ok();
+            let var = |name: &str| std::env::var(name).ok().map(|v| (name.to_string(), v));
+            let mut endpoint = var("AWS_ENDPOINT_URL").or_else(|| var("AWS_ENDPOINT"));
             if let Some(profile) = SharedProfile::from_env().map_err(StoreError::Profile)? {
                 builder = profile.apply(builder);
-                endpoint = endpoint.or(profile.endpoint_url.clone());
+                let named = || profile.endpoint_url.clone().map(|v| ("the profile's endpoint_url".to_string(), v));
+                endpoint = endpoint.or_else(named);
             }
-            if endpoint.is_some_and(|e| e.starts_with("http://")) {
-                builder = builder.with_allow_http(true);
+            if let Some((from, value)) = endpoint {
+                builder = builder.with_allow_http(plain_http(from, value)?);
+            }
+            // The token is sent as a header as it is; a line break in it made the store panic
+            // while signing the first request.
+            if let Some(token) = builder.get_config_value(&object_store::aws::AmazonS3ConfigKey::Token) {
+                let from = ["AWS_SESSION_TOKEN", "AWS_TOKEN"].into_iter().find(|v| std::env::var_os(v).is_some());
+                header_safe(from.unwrap_or("the profile's aws_session_token"), &token)?;
             }
             let store = builder.build().map_err(|source| StoreError::Config { url: url.to_string(), source })?;
             // As written: `s3://b/été/` lists `été/…`, not a percent-encoded prefix.
@@ -392,16 +432,17 @@ impl Location {
     /// This location's key for relative `parts` plus `suffix` on the last part.
     ///
     /// Parts are taken as they are, as a listing gives them: `été #1.jpg` gives `été #1.jpg.out`,
-    /// not a percent-encoded name. Refuses parts that could climb out of the prefix on any store
-    /// (`..`, `.`, empty, or with a path separator), so an input key can never make ferry write
-    /// outside its output.
+    /// not a percent-encoded name. Refuses parts that could climb out of the prefix (`..`, `.`,
+    /// empty, or with a `/`), so an input key can never make ferry write outside its output. A
+    /// backslash is an ordinary character in S3 keys and Linux file names (keys uploaded from
+    /// Windows tools hold them), so it is kept.
     pub fn child<S: AsRef<str>>(&self, parts: &[S], suffix: &str) -> Result<Path, String> {
         if parts.is_empty() {
             return Err("empty key".into());
         }
         let mut key = self.prefix.as_ref().to_string();
         for (i, part) in parts.iter().map(AsRef::as_ref).enumerate() {
-            if part.is_empty() || part == "." || part == ".." || part.contains('/') || part.contains('\\') {
+            if part.is_empty() || part == "." || part == ".." || part.contains('/') {
                 return Err(format!("key part {part:?} is not allowed in an output key"));
             }
             if !key.is_empty() {
@@ -517,9 +558,11 @@ mod tests {
     #[test]
     fn keys_that_climb_out_are_refused() {
         let output = loc("out");
-        for bad in [&["..", "etc", "passwd"][..], &["a", ".", "b"], &["", "x"], &["a\\..\\b"], &["a/b"]] {
+        for bad in [&["..", "etc", "passwd"][..], &["a", ".", "b"], &["", "x"], &["a/b"], &["a", "../b"]] {
             assert!(output.child(bad, ".out").is_err(), "{bad:?}");
         }
+        let windows = output.child(&["photos\\2021\\..\\a.jpg"], ".out").unwrap();
+        assert_eq!(windows.as_ref(), "out/photos\\2021\\..\\a.jpg.out", "one key part, a backslash is no separator");
     }
 
     #[test]
@@ -527,6 +570,21 @@ mod tests {
         let err = Location::open("/nonexistent/ferry-input", false, 0).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/ferry-input"), "{err}");
         assert!(Location::open("gopher://x/y", false, 0).is_err());
+        for endpoint in ["", "localhost:9000", "127.0.0.1:9000", "ftp://host", "http://", "s3.amazonaws.com"] {
+            let err = plain_http("AWS_ENDPOINT_URL".into(), endpoint.into()).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("AWS_ENDPOINT_URL {endpoint:?} is not an http:// or https:// URL")),
+                "{err}"
+            );
+        }
+        let err = header_safe("AWS_SESSION_TOKEN", "abc\ndef").unwrap_err().to_string();
+        assert!(
+            err.starts_with("AWS_SESSION_TOKEN holds a line break or other control character (byte 3 of 7)"),
+            "{err}"
+        );
+        header_safe("AWS_SESSION_TOKEN", "IQoJb3JpZ2luX2VjE+/=").unwrap();
+        assert!(plain_http(String::new(), "http://127.0.0.1:9000".into()).unwrap());
+        assert!(!plain_http(String::new(), "https://s3.eu-west-1.amazonaws.com/".into()).unwrap());
         let err = Location::open("s3://bucket/a//b/", false, 0).unwrap_err().to_string();
         assert!(err.contains("s3://bucket/a//b/: the prefix is not a valid key"), "{err}");
         let prefixed = Location::open("s3://bucket/été #1/", false, 0).unwrap();

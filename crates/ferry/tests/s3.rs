@@ -202,6 +202,30 @@ fn missing_credentials_are_named() {
     assert!(err.contains(&format!("listing {input}")) && err.contains("no AWS credentials are set"), "{err}");
 }
 
+/// Settings the store would only trip over while signing its first request (where it panicked)
+/// are one clear message before anything is read.
+#[test]
+fn unusable_endpoint_and_token_are_named_up_front() {
+    let out = tempfile::tempdir().unwrap();
+    for (var, value, says) in [
+        ("AWS_ENDPOINT_URL", "localhost:9000", "AWS_ENDPOINT_URL \"localhost:9000\" is not an http:// or https:// URL"),
+        ("AWS_SESSION_TOKEN", "token\n", "AWS_SESSION_TOKEN holds a line break"),
+    ] {
+        let o = ferry()
+            .env("AWS_ACCESS_KEY_ID", "key")
+            .env("AWS_SECRET_ACCESS_KEY", "secret")
+            .env("AWS_REGION", "us-east-1")
+            .env(var, value)
+            .args(["transform", "--model", mobilenet().to_str().unwrap(), "--input", "s3://bucket/in/"])
+            .args(["--output", out.path().to_str().unwrap(), "--max-retries", "0"])
+            .output()
+            .unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{var}: {err}");
+        assert!(err.starts_with(&format!("error: {says}")) && !err.contains("panicked"), "{var}: {err}");
+    }
+}
+
 #[test]
 fn a_large_output_is_uploaded_in_parts() {
     let s = server();
