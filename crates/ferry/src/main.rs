@@ -265,6 +265,11 @@ struct TransformArgs {
     /// sketches, which is written when full or 5 s after its first record.
     #[arg(long, default_value_t = 1024)]
     sketch_part_records: usize,
+    /// Run one shard of the objects, INDEX/COUNT (0/4 to 3/4), as one pod of a Kubernetes Indexed
+    /// Job: `--shard $(JOB_COMPLETION_INDEX)/4`. Shards split the objects by a hash of their keys,
+    /// write to the same output, and each writes its report to _ferry/report-INDEX-of-COUNT.json.
+    #[arg(long, env = "FERRY_SHARD")]
+    shard: Option<ferry::transform::Shard>,
 }
 
 impl TransformArgs {
@@ -294,6 +299,7 @@ impl TransformArgs {
             sketch: self.sketch,
             sketch_profile: self.sketch_profile,
             sketch_part_records: self.sketch_part_records,
+            shard: self.shard,
         }
     }
 }

@@ -119,6 +119,40 @@ pub struct JobConfig {
     pub sketch_profile: Option<PathBuf>,
     /// Records per sketch part file.
     pub sketch_part_records: usize,
+    /// Run only this shard's objects, for one pod of a Kubernetes Indexed Job.
+    pub shard: Option<Shard>,
+}
+
+/// One of `count` disjoint parts of a job's objects: those whose key, relative to the input
+/// prefix, hashes to `index` (xxHash64, seed 0, modulo `count`). A key's shard depends on the key
+/// alone, not on what else is listed, so pods that list at different moments never both skip
+/// an object, and a rerun of a shard resumes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// This shard, from 0.
+    pub index: u64,
+    /// How many shards the job has.
+    pub count: u64,
+}
+
+impl Shard {
+    /// Whether the object at `relative` (its key relative to the input prefix) is this shard's.
+    pub fn owns(&self, relative: &str) -> bool {
+        twox_hash::XxHash64::oneshot(0, relative.as_bytes()) % self.count == self.index
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a shard: give INDEX/COUNT, e.g. 0/4 (INDEX from 0 to COUNT - 1)");
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count): (u64, u64) = (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Self { index, count })
+    }
 }
 
 impl Default for JobConfig {
@@ -148,6 +182,7 @@ impl Default for JobConfig {
             sketch: None,
             sketch_profile: None,
             sketch_part_records: 1024,
+            shard: None,
         }
     }
 }
@@ -229,11 +264,14 @@ pub struct JobReport {
     pub input: String,
     /// Output location.
     pub output: String,
+    /// `INDEX/COUNT` when the job ran one shard of its objects.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard: Option<String>,
     /// Model file.
     pub model: String,
     /// Runtime that ran it.
     pub runtime: String,
-    /// Objects under the input prefix.
+    /// Objects under the input prefix (this shard's, when sharded).
     pub objects_total: usize,
     /// Objects written by this run.
     pub objects_succeeded: usize,
@@ -749,13 +787,19 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
     let exclude = nested_output(&cfg.input, &cfg.output);
     let exclude_sketches = cfg.sketch.as_deref().and_then(|s| nested_output(&cfg.input, s));
 
-    let mut objects_total = unnamed.len();
-    let mut failures = unnamed;
+    let mine = |relative: &str| cfg.shard.is_none_or(|s| s.owns(relative));
+    let mut inputs_listed = !unnamed.is_empty();
+    let mut failures: Vec<Failure> = unnamed.into_iter().filter(|f| mine(&f.object)).collect();
+    let mut objects_total = failures.len();
     let mut items = Vec::new();
     let mut skipped = 0;
     for key in objects {
         let parts = input.relative(&key).unwrap_or_default();
         if ours(&parts, exclude.as_deref(), ".out") || ours(&parts, exclude_sketches.as_deref(), ".parquet") {
+            continue;
+        }
+        inputs_listed = true;
+        if !mine(&parts.join("/")) {
             continue;
         }
         objects_total += 1;
@@ -765,7 +809,7 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
             Err(reason) => failures.push(Failure { object: key.to_string(), record: None, reason }),
         }
     }
-    if objects_total == 0 {
+    if !inputs_listed {
         return Err(JobError::Config(match input.is_object().await {
             true => format!("{} is an object, not a prefix: give the prefix that holds it", input.url),
             false => format!("no objects under {}", input.url),
@@ -788,6 +832,7 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
     let report = JobReport {
         input: input.url.clone(),
         output: output.url.clone(),
+        shard: cfg.shard.map(|s| format!("{}/{}", s.index, s.count)),
         model: cfg.model.display().to_string(),
         runtime,
         objects_total,
@@ -844,7 +889,11 @@ async fn write_report(cfg: &JobConfig, output: &Location, report: &JobReport) ->
             crate::store::write_file(path, &body, cfg.fsync).map_err(|e| (path.display().to_string(), e.to_string()))
         }
         None => {
-            let key = output.prefix.clone().join("_ferry").join("report.json");
+            let name = match cfg.shard {
+                Some(s) => format!("report-{}-of-{}.json", s.index, s.count),
+                None => "report.json".into(),
+            };
+            let key = output.prefix.clone().join("_ferry").join(name.as_str());
             output.write_whole(&key, body).await.map_err(|reason| (key.to_string(), reason))
         }
     }
@@ -988,7 +1037,11 @@ async fn run_pipeline(
                 events: writer_tx.clone(),
                 stats: stats.clone(),
                 open: open.clone(),
-                run: format!("{run:013}"),
+                // Shards of one job start together and write to one set: their parts must not share a name.
+                run: match cfg.shard {
+                    Some(s) => format!("{run:013}-shard{}of{}", s.index, s.count),
+                    None => format!("{run:013}"),
+                },
                 seq: 0,
             };
             Some((tx, open, tokio::spawn(writer.run(rx))))
@@ -1313,6 +1366,26 @@ fn infer_loop(mut backend: Box<dyn Backend>, t: ModelThread) {
 mod tests {
     use super::*;
     use crate::sketch::profile::{fit_profile, FitSettings};
+
+    #[test]
+    fn shards_partition_keys_by_their_hash() {
+        assert_eq!("2/4".parse::<Shard>().unwrap(), Shard { index: 2, count: 4 });
+        for bad in ["4/4", "1/0", "-1/4", "1", "a/b", ""] {
+            let err = bad.parse::<Shard>().unwrap_err();
+            assert!(err.contains("give INDEX/COUNT"), "{bad:?}: {err}");
+        }
+        let shards: Vec<Shard> = (0..4).map(|index| Shard { index, count: 4 }).collect();
+        let mut sizes = [0; 4];
+        for i in 0..4000 {
+            let key = format!("photos/{}/img_{i:05}.jpg", i % 17);
+            let owners: Vec<u64> = shards.iter().filter(|s| s.owns(&key)).map(|s| s.index).collect();
+            assert_eq!(owners.len(), 1, "{key}: {owners:?}");
+            sizes[owners[0] as usize] += 1;
+        }
+        assert!(sizes.iter().all(|&n| (900..1100).contains(&n)), "{sizes:?}");
+        // xxHash64 with seed 0, so other tools can tell which shard holds a key.
+        assert_eq!(twox_hash::XxHash64::oneshot(0, b""), 0xef46_db37_51d8_e999);
+    }
 
     #[test]
     fn objects_sketched_together_get_their_own_sketches_and_a_bad_one_fails_alone() {

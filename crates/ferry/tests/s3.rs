@@ -202,6 +202,75 @@ fn missing_credentials_are_named() {
     assert!(err.contains(&format!("listing {input}")) && err.contains("no AWS credentials are set"), "{err}");
 }
 
+/// An Indexed Job's pods, simulated: three `--shard i/3` processes at once against one bucket
+/// split the objects between them, each object written once, and together write what one job
+/// writes, byte for byte.
+#[test]
+fn shards_split_a_job_between_processes() {
+    let s = server();
+    let store = s.store();
+    let run = format!("shards-{}-{}", std::process::id(), std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos());
+    let local = tempfile::tempdir().unwrap();
+    make_dataset(local.path(), 36);
+    let names = files(local.path());
+    block_on(async {
+        for name in &names {
+            let bytes = std::fs::read(local.path().join(name)).unwrap();
+            store.put(&Path::parse(format!("{run}/in/{name}")).unwrap(), bytes.into()).await.unwrap();
+        }
+    });
+    let model = mobilenet();
+    let input = format!("s3://{}/{run}/in/", s.bucket);
+    let args = |output: &str| {
+        let base = ["--model", model.to_str().unwrap(), "--input", &input, "--output", output, "--top-k", "3"];
+        base.iter().map(|a| a.to_string()).collect::<Vec<_>>()
+    };
+    let whole = format!("s3://{}/{run}/whole/", s.bucket);
+    let o = s.transform(&args(&whole).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let sharded = format!("s3://{}/{run}/sharded/", s.bucket);
+    let pods: Vec<_> = (0..3)
+        .map(|i| {
+            let mut c = ferry();
+            c.arg("transform").args(args(&sharded)).args(["--shard", &format!("{i}/3"), "--threads", "1"]);
+            c.envs(s.env.iter().map(|(k, v)| (k, v))).stdout(Stdio::null()).stderr(Stdio::piped());
+            c.spawn().unwrap()
+        })
+        .collect();
+    for pod in pods {
+        let o = pod.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let get = |key: String| {
+        block_on(async { store.get(&Path::parse(&key).unwrap()).await.unwrap().bytes().await.unwrap().to_vec() })
+    };
+    let mut written = 0;
+    for i in 0..3 {
+        let report: serde_json::Value =
+            serde_json::from_slice(&get(format!("{run}/sharded/_ferry/report-{i}-of-3.json"))).unwrap();
+        assert_eq!(report["shard"], format!("{i}/3"), "{report}");
+        assert_eq!(report["objects_failed"], 0, "{report}");
+        assert_eq!(report["objects_succeeded"], report["objects_total"], "{report}");
+        let n = report["objects_total"].as_u64().unwrap();
+        assert!(n > 0 && n < names.len() as u64, "shard {i} has {n} of {} objects", names.len());
+        written += n;
+    }
+    assert_eq!(written, names.len() as u64, "each object in exactly one shard");
+    for name in &names {
+        let (a, b) = (get(format!("{run}/whole/{name}.out")), get(format!("{run}/sharded/{name}.out")));
+        assert!(a == b, "{name}: the sharded output differs from the whole job's");
+    }
+    // A pod that restarts resumes its own shard.
+    let mut again = args(&sharded);
+    again.extend(["--shard".into(), "1/3".into()]);
+    let o = s.transform(&again.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value =
+        serde_json::from_slice(&get(format!("{run}/sharded/_ferry/report-1-of-3.json"))).unwrap();
+    assert_eq!(report["objects_skipped"], report["objects_total"], "{report}");
+}
+
 /// Settings the store would only trip over while signing its first request (where it panicked)
 /// are one clear message before anything is read.
 #[test]
