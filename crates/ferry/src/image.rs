@@ -27,8 +27,8 @@ pub enum ImageError {
     /// Zero bytes.
     #[error("empty object (0 bytes)")]
     Empty,
-    /// None of the formats read.
-    #[error("not a JPEG, PNG, WebP, GIF, BMP or TIFF image (starts with {0})")]
+    /// None of the formats read: what it looks like, when that is known, else its first bytes.
+    #[error("not a JPEG, PNG, WebP, GIF, BMP or TIFF image ({0})")]
     UnknownFormat(String),
     /// Declared dimensions over the pixel limit (an "image bomb").
     #[error("image is {width}x{height} = {pixels} pixels, over the limit of {limit} (--max-image-pixels)")]
@@ -333,6 +333,50 @@ struct Pixels {
     region: Region,
 }
 
+/// What bytes ferry does not read look like, for the error: phones write HEIC, and a folder of
+/// inputs collects PDFs and archives, which deserve a better answer than their first bytes.
+fn unreadable(bytes: &[u8]) -> String {
+    // ISO base media files (HEIF, AVIF, MP4) start with an `ftyp` box: size, "ftyp", major brand,
+    // minor version, compatible brands.
+    if bytes.get(4..8) == Some(b"ftyp") {
+        let size = u32::from_be_bytes(bytes[..4].try_into().expect("4 bytes")) as usize;
+        let brands: Vec<&[u8]> = bytes[8..size.clamp(8, bytes.len())]
+            .chunks_exact(4)
+            .enumerate()
+            .filter(|(i, _)| *i != 1)
+            .map(|(_, b)| b)
+            .collect();
+        let has = |names: &[&[u8; 4]]| brands.iter().any(|b| names.iter().any(|n| *b == &n[..]));
+        if has(&[b"avif", b"avis"]) {
+            return "an AVIF image".into();
+        }
+        if has(&[b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"]) {
+            return "an HEIC/HEIF image, as phones write them: convert it first, e.g. with libheif's heif-convert"
+                .into();
+        }
+        return "an MP4 or QuickTime file".into();
+    }
+    let named = match bytes {
+        [b'%', b'P', b'D', b'F', ..] => Some("a PDF document"),
+        [0x1f, 0x8b, ..] => Some("gzip-compressed data"),
+        [b'P', b'K', 3, 4, ..] => Some("a ZIP archive"),
+        _ if bytes.get(257..262) == Some(b"ustar") => Some("a tar archive"),
+        _ => None,
+    };
+    if let Some(named) = named {
+        return named.into();
+    }
+    if let Ok(f) = image::guess_format(bytes) {
+        return format!("an image in {} format", format!("{f:?}").to_uppercase());
+    }
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(256)]).to_ascii_lowercase();
+    if text.contains("<svg") {
+        return "an SVG image, which is drawn, not decoded".into();
+    }
+    let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!("starts with bytes {}", head.join(" "))
+}
+
 /// Per-thread decoding state.
 pub struct ImageDecoder {
     plan: ImagePlan,
@@ -387,10 +431,7 @@ impl ImageDecoder {
                 Ok(f @ image::ImageFormat::Gif) => self.decode_other(bytes, f, "GIF")?,
                 Ok(f @ image::ImageFormat::Bmp) => self.decode_other(bytes, f, "BMP")?,
                 Ok(f @ image::ImageFormat::Tiff) => self.decode_other(bytes, f, "TIFF")?,
-                _ => {
-                    let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
-                    return Err(ImageError::UnknownFormat(format!("bytes {}", head.join(" "))));
-                }
+                _ => return Err(ImageError::UnknownFormat(unreadable(bytes))),
             },
         };
         self.resize(pixels, out);
@@ -692,7 +733,18 @@ mod tests {
         let mut d = ImageDecoder::new(plan());
         let mut out = Vec::new();
         assert_eq!(d.decode(b"", &mut out), Err(ImageError::Empty));
-        assert!(matches!(d.decode(b"hello world", &mut out), Err(ImageError::UnknownFormat(_))));
+        let err = d.decode(b"hello world", &mut out).unwrap_err().to_string();
+        assert!(err.ends_with("image (starts with bytes 68 65 6c 6c 6f 20 77 6f)"), "{err}");
+        // An iPhone photo's first box, and an AVIF's.
+        let heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic\0\0\0\x08meta";
+        let err = d.decode(heic, &mut out).unwrap_err().to_string();
+        assert!(err.contains("(an HEIC/HEIF image, as phones write them"), "{err}");
+        let avif = b"\0\0\0\x1cftypavif\0\0\0\0avifmif1miaf\0\0\0\x08meta";
+        assert!(d.decode(avif, &mut out).unwrap_err().to_string().contains("(an AVIF image)"));
+        let err = d.decode(b"%PDF-1.7\n%\xe2\xe3", &mut out).unwrap_err().to_string();
+        assert!(err.contains("(a PDF document)"), "{err}");
+        let err = d.decode(b"<?xml version=\"1.0\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\"/>", &mut out);
+        assert!(err.unwrap_err().to_string().contains("(an SVG image"));
         let mut bytes = png(64, 64, |x, y| [x as u8, y as u8, 0]);
         bytes.truncate(bytes.len() / 2);
         assert!(matches!(d.decode(&bytes, &mut out), Err(ImageError::Corrupt { format: "PNG", .. })));
