@@ -13,6 +13,7 @@ pub mod image;
 mod jpeg;
 pub mod model;
 pub mod progress;
+mod s3list;
 pub mod sketch;
 pub mod store;
 pub mod transform;

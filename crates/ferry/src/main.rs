@@ -499,8 +499,9 @@ fn summarise(r: &JobReport) -> ExitCode {
     );
     for f in &r.failures {
         match f.record {
-            Some(i) => eprintln!("failed: {} record {i}: {}", f.object, f.reason),
-            None => eprintln!("failed: {}: {}", f.object, f.reason),
+            // A key's control characters are shown escaped, not sent to the terminal.
+            Some(i) => eprintln!("failed: {} record {i}: {}", f.object.escape_debug(), f.reason),
+            None => eprintln!("failed: {}: {}", f.object.escape_debug(), f.reason),
         }
     }
     if r.objects_failed > 0 {

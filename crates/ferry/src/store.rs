@@ -94,6 +94,8 @@ pub struct Location {
     /// The same store when it is a local folder, for listing it by walking it and for writes
     /// that go through a hidden file.
     pub local: Option<Folder>,
+    /// A bucket's own listing, for keys the store cannot name.
+    bucket: Option<crate::s3list::Lister>,
 }
 
 /// A local folder's store and the folder it is rooted at.
@@ -286,8 +288,10 @@ impl Location {
                 let named = || profile.endpoint_url.clone().map(|v| ("the profile's endpoint_url".to_string(), v));
                 endpoint = endpoint.or_else(named);
             }
+            let mut http = false;
             if let Some((from, value)) = endpoint {
-                builder = builder.with_allow_http(plain_http(from, value)?);
+                http = plain_http(from, value)?;
+                builder = builder.with_allow_http(http);
             }
             // The token is sent as a header as it is; a line break in it made the store panic
             // while signing the first request.
@@ -295,11 +299,15 @@ impl Location {
                 let from = ["AWS_SESSION_TOKEN", "AWS_TOKEN"].into_iter().find(|v| std::env::var_os(v).is_some());
                 header_safe(from.unwrap_or("the profile's aws_session_token"), &token)?;
             }
-            let store = builder.build().map_err(|source| StoreError::Config { url: url.to_string(), source })?;
+            let store = Arc::new(
+                builder.clone().build().map_err(|source| StoreError::Config { url: url.to_string(), source })?,
+            );
             // As written: `s3://b/été/` lists `été/…`, not a percent-encoded prefix.
             let prefix = Path::parse(prefix)
                 .map_err(|e| StoreError::BadPrefix { url: url.to_string(), reason: e.to_string() })?;
-            return Ok(Self { store: Arc::new(store), prefix, url: url.to_string(), local: None });
+            let lister = crate::s3list::Lister::new(&builder, store.clone(), http)
+                .map_err(|e| StoreError::BadPrefix { url: url.to_string(), reason: e })?;
+            return Ok(Self { store, prefix, url: url.to_string(), local: None, bucket: Some(lister) });
         }
         if url.contains("://") && !url.starts_with("file://") {
             return Err(StoreError::Unsupported(url.to_string()));
@@ -318,7 +326,7 @@ impl Location {
                 .map_err(|source| StoreError::Config { url: url.to_string(), source })?,
         );
         let local = Some(Folder { fs: store.clone(), root: dir, fsync: false });
-        Ok(Self { store, prefix: Path::default(), url: url.to_string(), local })
+        Ok(Self { store, prefix: Path::default(), url: url.to_string(), local, bucket: None })
     }
 
     /// With `on`, a folder's writes reach the disk before they are renamed into place, so that
@@ -366,7 +374,14 @@ impl Location {
     /// an error.
     pub async fn list_keys(&self) -> Result<(Vec<Path>, Vec<(String, String)>), object_store::Error> {
         let Some(local) = &self.local else {
-            let metas: Vec<object_store::ObjectMeta> = self.store.list(Some(&self.prefix)).try_collect().await?;
+            let (metas, unnamed) = match self.store.list(Some(&self.prefix)).try_collect::<Vec<_>>().await {
+                Ok(metas) => (metas, Vec::new()),
+                Err(object_store::Error::InvalidPath { source }) if self.bucket.is_some() => {
+                    tracing::info!(url = %self.url, "listing again to find keys ferry cannot name ({source})");
+                    self.list_every_key().await?
+                }
+                Err(e) => return Err(e),
+            };
             // The consoles' "create folder" leaves a zero-byte object whose key ends in `/`,
             // listed without the slash (a `Path` has none), so reading it by that name finds
             // nothing. A zero-byte entry that a HEAD does not find is such a marker, not an input;
@@ -386,11 +401,50 @@ impl Location {
                 tracing::info!(count = markers.len(), url = %self.url, "skipping folder markers (keys ending in /)");
             }
             let keys = metas.into_iter().map(|m| m.location).filter(|k| !markers.contains(k)).collect();
-            return Ok((keys, Vec::new()));
+            return Ok((keys, unnamed));
         };
         // A folder's store is rooted at the folder, so its keys are paths relative to it.
         let root = local.root.clone();
         Ok(tokio::task::spawn_blocking(move || walk(&root)).await.expect("listing a folder panicked"))
+    }
+
+    /// Every object under a bucket's prefix, through [`crate::s3list`]: those a `Path` can name,
+    /// and the others as `(key, reason)`, for the job to report as failed.
+    async fn list_every_key(
+        &self,
+    ) -> Result<(Vec<object_store::ObjectMeta>, Vec<(String, String)>), object_store::Error> {
+        let lister = self.bucket.as_ref().expect("a bucket");
+        let prefix = match self.prefix.as_ref() {
+            "" => String::new(),
+            p => format!("{p}/"),
+        };
+        let listed =
+            lister.list(&prefix).await.map_err(|e| object_store::Error::Generic { store: "S3", source: e.into() })?;
+        let (mut metas, mut unnamed) = (Vec::new(), Vec::new());
+        for (key, size) in listed {
+            // A folder marker's key ends in `/`; parsing drops the slash, as object_store's listing does.
+            match Path::parse(key.strip_suffix('/').unwrap_or(&key)) {
+                Ok(location) => metas.push(object_store::ObjectMeta {
+                    location,
+                    last_modified: Default::default(),
+                    size,
+                    e_tag: None,
+                    version: None,
+                }),
+                Err(_) if !(size == 0 && key.ends_with('/')) => {
+                    let what = match key.chars().find(|c| c.is_control()) {
+                        Some(c) => format!("a control character ({})", c.escape_debug()),
+                        None => "an empty part (`//`, or a leading `/`)".into(),
+                    };
+                    let reason = format!(
+                        "its key has {what}, which ferry's store library cannot name; copy the object to a key without it"
+                    );
+                    unnamed.push((key, reason))
+                }
+                Err(_) => {}
+            }
+        }
+        Ok((metas, unnamed))
     }
 
     /// Whether the prefix itself names an object of a store (`s3://bucket/images/cat.jpg`), which
@@ -527,6 +581,7 @@ mod tests {
             prefix: Path::from(prefix),
             url: format!("mem://{prefix}"),
             local: None,
+            bucket: None,
         }
     }
 

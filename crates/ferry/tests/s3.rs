@@ -484,41 +484,67 @@ fn credentials_come_from_an_aws_cli_profile() {
     assert!(stderr(&o).contains("AWS_PROFILE=nobody"), "{}", stderr(&o));
 }
 
-#[test]
-fn folder_markers_are_not_inputs() {
-    // An S3 console's "create folder" leaves a zero-byte object whose key ends in "/". s3s-fs keeps
-    // objects as files and cannot hold such keys, so this bucket is served by moto's S3 server.
+/// A bucket served by `tests/s3_moto.py` (moto's S3 server) in `mode`, and the job's output
+/// over `s3://<bucket>/in/` into a local folder through `model`.
+fn moto_job(mode: &[&str], bucket: &str, model: &std::path::Path, out: &std::path::Path) -> std::process::Output {
     use std::io::BufRead;
     let mut served = Command::new("python3")
-        .arg(repo().join("tests/s3_folder_markers.py"))
+        .arg(repo().join("tests/s3_moto.py"))
         .arg(examples().join("chelsea.jpg"))
+        .args(mode)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
-        .expect("python3 tests/s3_folder_markers.py");
+        .expect("python3 tests/s3_moto.py");
     let mut endpoint = String::new();
     std::io::BufReader::new(served.stdout.take().unwrap()).read_line(&mut endpoint).unwrap();
-    assert!(
-        endpoint.starts_with("http://"),
-        "tests/s3_folder_markers.py printed {endpoint:?} (pip install moto[server])"
-    );
+    assert!(endpoint.starts_with("http://"), "tests/s3_moto.py printed {endpoint:?} (pip install moto[server])");
     let _server = KillOnDrop(served);
-    let out = tempfile::tempdir().unwrap();
-    let o = ferry()
-        .args(["transform", "--model", mobilenet().to_str().unwrap(), "--input", "s3://markers/in/"])
-        .args(["--output", out.path().to_str().unwrap(), "--top-k", "1"])
+    let input = format!("s3://{bucket}/in/");
+    ferry()
+        .args(["transform", "--model", model.to_str().unwrap(), "--input", &input])
+        .args(["--output", out.to_str().unwrap()])
         .env("AWS_ENDPOINT_URL", endpoint.trim())
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
         .env("AWS_REGION", "us-east-1")
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn folder_markers_are_not_inputs() {
+    // An S3 console's "create folder" leaves a zero-byte object whose key ends in "/". s3s-fs keeps
+    // objects as files and cannot hold such keys, so this bucket is served by moto's S3 server.
+    let out = tempfile::tempdir().unwrap();
+    let o = moto_job(&["markers"], "markers", &mobilenet(), out.path());
     let err = stderr(&o);
     // The two markers are not objects; the real empty object fails as one.
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("3 objects (2 written, 1 failed"), "{err}");
     assert!(err.contains("in/zero.jpg record 0: empty object"), "{err}");
     assert_eq!(files(out.path()), ["_ferry/report.json", "cat.jpg.out", "sub/cat.jpg.out"]);
+}
+
+#[test]
+fn keys_the_store_library_cannot_name_fail_alone() {
+    // One key with an empty part and one with a tab used to fail the page of the listing they
+    // were on, and with it the whole job. Over 1,000 objects, so the listing has pages.
+    let out = tempfile::tempdir().unwrap();
+    let model = repo().join("tests/fixtures/typed_outputs");
+    let o = moto_job(&["odd-keys", "1001"], "oddkeys", &model, out.path());
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("1004 objects (1002 written, 2 failed"), "{err}");
+    assert!(err.contains("failed: in//x.jpg: its key has an empty part"), "{err}");
+    assert!(err.contains("failed: in/t\\tab.jpg: its key has a control character (\\t)"), "{err}");
+    let written = files(out.path());
+    assert_eq!(written.len(), 1 + 1002, "the report and every other object's output");
+    assert!(written.contains(&"a b/c+d.jpg.out".to_string()) && written.contains(&"many/01000.jpg.out".to_string()));
+    let report = json(&out.path().join("_ferry/report.json"));
+    let failed: Vec<&str> =
+        report["failures"].as_array().unwrap().iter().map(|f| f["object"].as_str().unwrap()).collect();
+    assert_eq!(failed, ["in//x.jpg", "in/t\tab.jpg"], "the report keeps the keys as they are");
 }
 
 #[test]
