@@ -11,6 +11,7 @@ pub mod bench;
 pub mod encode;
 pub mod image;
 mod jpeg;
+pub mod manifest;
 pub mod model;
 pub mod progress;
 mod s3list;

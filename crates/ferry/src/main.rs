@@ -270,6 +270,10 @@ struct TransformArgs {
     /// write to the same output, and each writes its report to _ferry/report-INDEX-of-COUNT.json.
     #[arg(long, env = "FERRY_SHARD")]
     shard: Option<ferry::transform::Shard>,
+    /// --input names a manifest file (a local file or an s3:// object) listing the inputs, as
+    /// SageMaker's S3DataType=ManifestFile: [{"prefix": "s3://bucket/prefix/"}, "key", ...].
+    #[arg(long, env = "FERRY_MANIFEST")]
+    manifest: bool,
 }
 
 impl TransformArgs {
@@ -300,6 +304,7 @@ impl TransformArgs {
             sketch_profile: self.sketch_profile,
             sketch_part_records: self.sketch_part_records,
             shard: self.shard,
+            manifest: self.manifest,
         }
     }
 }

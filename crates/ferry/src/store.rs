@@ -273,6 +273,26 @@ fn header_safe(from: &str, value: &str) -> Result<(), StoreError> {
     }
 }
 
+/// The whole of the one object `url` names (a file, or an `s3://` object), if it holds at most
+/// `limit` bytes.
+pub async fn read_object(url: &str, max_retries: usize, limit: u64) -> Result<Bytes, String> {
+    if !url.starts_with("s3://") && !url.starts_with("s3a://") {
+        let path = PathBuf::from(url.strip_prefix("file://").unwrap_or(url));
+        let size = std::fs::metadata(&path).map_err(|e| e.to_string())?.len();
+        if size > limit {
+            return Err(format!("{size} bytes, over the limit of {limit}"));
+        }
+        return std::fs::read(&path).map(Bytes::from).map_err(|e| e.to_string());
+    }
+    let (parent, name) = url.rsplit_once('/').filter(|(_, n)| !n.is_empty()).ok_or("names a prefix, not an object")?;
+    let location = Location::open(&format!("{parent}/"), false, max_retries).map_err(|e| e.to_string())?;
+    let key = location.child(&[name], "")?;
+    get_bytes_within(location.store.as_ref(), &key, limit).await.map_err(|e| match e {
+        FetchError::Read(reason) => format!("{reason}{}", location.credentials_hint()),
+        FetchError::TooLarge { size, limit } => format!("{size} bytes, over the limit of {limit}"),
+    })
+}
+
 impl Location {
     /// Opens `url`. With `create`, a local folder is created if missing (for outputs);
     /// `max_retries` bounds retries of a failed request to a remote store.

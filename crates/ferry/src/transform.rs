@@ -121,6 +121,9 @@ pub struct JobConfig {
     pub sketch_part_records: usize,
     /// Run only this shard's objects, for one pod of a Kubernetes Indexed Job.
     pub shard: Option<Shard>,
+    /// `input` names a manifest file listing the inputs (SageMaker's `S3DataType=ManifestFile`),
+    /// not a prefix to list.
+    pub manifest: bool,
 }
 
 /// One of `count` disjoint parts of a job's objects: those whose key, relative to the input
@@ -183,6 +186,7 @@ impl Default for JobConfig {
             sketch_profile: None,
             sketch_part_records: 1024,
             shard: None,
+            manifest: false,
         }
     }
 }
@@ -725,6 +729,30 @@ async fn list(location: &Location) -> Result<(Vec<Path>, Vec<Failure>), JobError
     Ok((keys, unlisted))
 }
 
+/// The largest manifest read: a million keys of a hundred characters.
+const MAX_MANIFEST_BYTES: u64 = 1 << 30;
+
+/// The location a manifest's prefix names and the keys of its entries under it; entries that are
+/// not keys (`..`, an empty part) are failures, named.
+async fn from_manifest(url: &str, max_retries: usize) -> Result<(Location, (Vec<Path>, Vec<Failure>)), JobError> {
+    let bad = |reason: String| JobError::Config(format!("manifest {url}: {reason}"));
+    let bytes = crate::store::read_object(url, max_retries, MAX_MANIFEST_BYTES).await.map_err(bad)?;
+    let manifest = crate::manifest::parse(&bytes).map_err(bad)?;
+    if manifest.keys.is_empty() {
+        return Err(bad("it lists no objects".into()));
+    }
+    let input = Location::open(&manifest.prefix, false, max_retries)?;
+    let (mut keys, mut failures) = (Vec::new(), Vec::new());
+    for relative in manifest.keys {
+        let parts: Vec<&str> = relative.split('/').collect();
+        match input.child(&parts, "") {
+            Ok(key) => keys.push(key),
+            Err(reason) => failures.push(Failure { object: relative, record: None, reason }),
+        }
+    }
+    Ok((input, (keys, failures)))
+}
+
 /// The output prefix relative to the input prefix when outputs are written inside the inputs, so
 /// that a rerun does not take its own outputs for inputs. Empty when they are the same prefix.
 fn nested_output(input: &str, output: &str) -> Option<Vec<String>> {
@@ -764,14 +792,23 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
         async move { tokio::task::spawn_blocking(move || prepare(&cfg)).await.expect("model preparation panicked") }
     };
     let listing = async {
-        let input = Location::open(&cfg.input, false, cfg.max_retries)?;
+        let t = Instant::now();
+        let (input, named) = match cfg.manifest {
+            false => (Location::open(&cfg.input, false, cfg.max_retries)?, None),
+            true => {
+                let (input, keys) = from_manifest(&cfg.input, cfg.max_retries).await?;
+                (input, Some(keys))
+            }
+        };
         let output = Location::open(&cfg.output, true, cfg.max_retries)?.with_fsync(cfg.fsync);
         let sketches = match &cfg.sketch {
             Some(url) => Some(Location::open(url, true, cfg.max_retries)?.with_fsync(cfg.fsync)),
             None => None,
         };
-        let t = Instant::now();
-        let (done, objects) = tokio::try_join!(list(&output), list(&input))?;
+        let (done, objects) = match named {
+            None => tokio::try_join!(list(&output), list(&input))?,
+            Some(keys) => (list(&output).await?, keys),
+        };
         Ok::<_, JobError>((input, output, sketches, done, objects, t.elapsed().as_secs_f64()))
     };
     let (prepared, (input, output, sketches, (done, _), (mut objects, unnamed), list_seconds)) =

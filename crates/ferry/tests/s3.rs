@@ -271,6 +271,42 @@ fn shards_split_a_job_between_processes() {
     assert_eq!(report["objects_skipped"], report["objects_total"], "{report}");
 }
 
+/// A manifest in the bucket names some of the objects under a prefix; only those run.
+#[test]
+fn a_manifest_in_the_bucket_selects_objects() {
+    let s = server();
+    let store = s.store();
+    let run = format!("manifest-{}-{}", std::process::id(), std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos());
+    let prefix = format!("s3://{}/{run}/images/", s.bucket);
+    let manifest = serde_json::json!([{"prefix": prefix}, "a/chelsea.jpg", "rocket.jpg"]).to_string();
+    block_on(async {
+        for (key, file) in
+            [("a/chelsea.jpg", "chelsea.jpg"), ("rocket.jpg", "rocket.jpg"), ("coffee.png", "coffee.png")]
+        {
+            let bytes = std::fs::read(examples().join(file)).unwrap();
+            store.put(&Path::parse(format!("{run}/images/{key}")).unwrap(), bytes.into()).await.unwrap();
+        }
+        store.put(&Path::parse(format!("{run}/jobs/manifest.json")).unwrap(), manifest.into()).await.unwrap();
+    });
+    let out = tempfile::tempdir().unwrap();
+    let input = format!("s3://{}/{run}/jobs/manifest.json", s.bucket);
+    let model = mobilenet();
+    let o = s.transform(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        &input,
+        "--manifest",
+        "--output",
+        out.path().to_str().unwrap(),
+        "--top-k",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(files(out.path()), ["_ferry/report.json", "a/chelsea.jpg.out", "rocket.jpg.out"]);
+    assert_eq!(top_label(&out.path().join("a/chelsea.jpg.out")), "Egyptian cat");
+}
+
 /// Settings the store would only trip over while signing its first request (where it panicked)
 /// are one clear message before anything is read.
 #[test]

@@ -339,6 +339,51 @@ fn an_integer_model_refuses_settings_that_make_fractions() {
 }
 
 #[test]
+fn a_manifest_names_the_inputs() {
+    // SageMaker's ManifestFile: a prefix and keys relative to it, not everything under it.
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("manifest.json");
+    let prefix = examples();
+    let entries = serde_json::json!([
+        {"prefix": prefix.to_str().unwrap()},
+        "chelsea.jpg", "coffee.png", "chelsea.jpg", "missing.jpg", "../README.md"
+    ]);
+    std::fs::write(&manifest, entries.to_string()).unwrap();
+    let out = dir.path().join("out");
+    let o = transform(&[
+        "--model",
+        mobilenet().to_str().unwrap(),
+        "--input",
+        manifest.to_str().unwrap(),
+        "--manifest",
+        "--output",
+        out.to_str().unwrap(),
+        "--top-k",
+        "1",
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("4 objects (2 written, 2 failed"), "each listed key once: {err}");
+    assert!(err.contains("failed: missing.jpg") && err.contains("failed: ../README.md: key part \"..\""), "{err}");
+    assert_eq!(files(&out), ["_ferry/report.json", "chelsea.jpg.out", "coffee.png.out"]);
+    assert_eq!(top_label(&out.join("chelsea.jpg.out")), "Egyptian cat");
+
+    std::fs::write(&manifest, "[\"chelsea.jpg\"]").unwrap();
+    let o = transform(&[
+        "--model",
+        mobilenet().to_str().unwrap(),
+        "--input",
+        manifest.to_str().unwrap(),
+        "--manifest",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("manifest.json: entry 0 must be {\"prefix\""), "{err}");
+}
+
+#[test]
 fn a_bare_greyscale_model_gets_pillows_luma() {
     // [N, 1, 224, 224], and no ferry.toml line says greyscale: the channel count is read from
     // the model. Pillow converts to "L" before resizing, ferry after, so each rounding may fall
