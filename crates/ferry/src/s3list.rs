@@ -17,7 +17,8 @@ use serde::Deserialize;
 /// Lists one bucket with plain ListObjectsV2 requests.
 #[derive(Debug, Clone)]
 pub(crate) struct Lister {
-    client: HttpClient,
+    /// The HTTP client is made when a listing is needed, which is seldom.
+    options: ClientOptions,
     /// The bucket's URL, as object_store builds it (path style unless configured otherwise).
     bucket_url: String,
     region: String,
@@ -27,7 +28,7 @@ pub(crate) struct Lister {
 
 impl Lister {
     /// A lister for the bucket `builder` (already built into `store`) names.
-    pub(crate) fn new(builder: &AmazonS3Builder, store: Arc<AmazonS3>, allow_http: bool) -> Result<Self, String> {
+    pub(crate) fn new(builder: &AmazonS3Builder, store: Arc<AmazonS3>, allow_http: bool) -> Self {
         let get = |k: Key| builder.get_config_value(&k);
         let bucket = get(Key::Bucket).unwrap_or_default();
         let region = get(Key::Region).unwrap_or_else(|| "us-east-1".into());
@@ -39,13 +40,13 @@ impl Lister {
             (None, false) => format!("https://s3.{region}.amazonaws.com/{bucket}"),
         };
         let options = ClientOptions::new().with_allow_http(allow_http);
-        let client = ReqwestConnector::default().connect(&options).map_err(|e| e.to_string())?;
         let sign = get(Key::SkipSignature).is_none_or(|v| v != "true");
-        Ok(Self { client, bucket_url, region, store, sign })
+        Self { options, bucket_url, region, store, sign }
     }
 
     /// Every key under `prefix` with its size, in the store's order.
     pub(crate) async fn list(&self, prefix: &str) -> Result<Listed, String> {
+        let client: HttpClient = ReqwestConnector::default().connect(&self.options).map_err(|e| e.to_string())?;
         let mut all = Vec::new();
         let mut token: Option<String> = None;
         loop {
@@ -68,7 +69,7 @@ impl Lister {
                     .try_authorize(&mut request, None)
                     .map_err(|e| e.to_string())?;
             }
-            let response = self.client.execute(request).await.map_err(|e| e.to_string())?;
+            let response = client.execute(request).await.map_err(|e| e.to_string())?;
             let status = response.status();
             let body = response.into_body().bytes().await.map_err(|e| e.to_string())?;
             if !status.is_success() {
@@ -162,7 +163,7 @@ mod tests {
             store.put(&Path::parse(&key).unwrap(), vec![7; i % 5].into()).await.unwrap();
         }
         store.put(&Path::from("other/x.jpg"), vec![1].into()).await.unwrap();
-        let lister = Lister::new(&builder, store.clone(), true).unwrap();
+        let lister = Lister::new(&builder, store.clone(), true);
         let mut ours = lister.list("in/").await.unwrap();
         let mut theirs: Vec<(String, u64)> = store
             .list(Some(&Path::from("in")))
@@ -175,7 +176,7 @@ mod tests {
         assert_eq!(ours.len(), 1234);
         assert!(ours == theirs, "the listings differ");
         let wrong = builder.with_secret_access_key("not the secret");
-        let refused = Lister::new(&wrong, Arc::new(wrong.clone().build().unwrap()), true).unwrap();
+        let refused = Lister::new(&wrong, Arc::new(wrong.clone().build().unwrap()), true);
         let err = refused.list("in/").await.unwrap_err();
         assert!(err.contains("403"), "{err}");
     }

@@ -325,8 +325,7 @@ impl Location {
             // As written: `s3://b/été/` lists `été/…`, not a percent-encoded prefix.
             let prefix = Path::parse(prefix)
                 .map_err(|e| StoreError::BadPrefix { url: url.to_string(), reason: e.to_string() })?;
-            let lister = crate::s3list::Lister::new(&builder, store.clone(), http)
-                .map_err(|e| StoreError::BadPrefix { url: url.to_string(), reason: e })?;
+            let lister = crate::s3list::Lister::new(&builder, store.clone(), http);
             return Ok(Self { store, prefix, url: url.to_string(), local: None, bucket: Some(lister) });
         }
         if url.contains("://") && !url.starts_with("file://") {
