@@ -358,7 +358,7 @@ fn unreadable(bytes: &[u8]) -> String {
     }
     let named = match bytes {
         [b'%', b'P', b'D', b'F', ..] => Some("a PDF document"),
-        [0x1f, 0x8b, ..] => Some("gzip-compressed data"),
+        [0x1f, 0x8b, ..] => Some("gzip-compressed data: give --compression gzip"),
         [b'P', b'K', 3, 4, ..] => Some("a ZIP archive"),
         _ if bytes.get(257..262) == Some(b"ustar") => Some("a tar archive"),
         _ => None,

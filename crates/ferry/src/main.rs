@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use ferry::artifact;
 use ferry::progress::ProgressMode;
-use ferry::transform::{self, JobConfig, JobReport, OnError};
+use ferry::transform::{self, Compression, JobConfig, JobReport, OnError};
 use ferry_backend::BackendKind;
 
 /// Carries a dataset through a trained model.
@@ -274,6 +274,10 @@ struct TransformArgs {
     /// SageMaker's S3DataType=ManifestFile: [{"prefix": "s3://bucket/prefix/"}, "key", ...].
     #[arg(long, env = "FERRY_MANIFEST")]
     manifest: bool,
+    /// How the input objects are stored, as SageMaker's CompressionType: gzip decompresses each
+    /// before decoding it (its decompressed size is held to --max-payload-mb too).
+    #[arg(long, env = "FERRY_COMPRESSION", value_enum, ignore_case = true, default_value_t = Compression::None)]
+    compression: Compression,
 }
 
 impl TransformArgs {
@@ -305,6 +309,7 @@ impl TransformArgs {
             sketch_part_records: self.sketch_part_records,
             shard: self.shard,
             manifest: self.manifest,
+            compression: self.compression,
         }
     }
 }

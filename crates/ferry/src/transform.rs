@@ -58,6 +58,16 @@ pub enum OnError {
     ErrorRecord,
 }
 
+/// How input objects are stored (SageMaker's `CompressionType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Compression {
+    /// As they are.
+    #[default]
+    None,
+    /// gzip-compressed: each object is decompressed before it is decoded.
+    Gzip,
+}
+
 /// Records per model call unless told otherwise. Each model thread runs its own single-threaded
 /// session, so a batch adds no parallelism, only activations: at 2 a convolutional network's
 /// largest activations stay in a core's share of the L3 cache, at 8 they go to memory.
@@ -124,6 +134,8 @@ pub struct JobConfig {
     /// `input` names a manifest file listing the inputs (SageMaker's `S3DataType=ManifestFile`),
     /// not a prefix to list.
     pub manifest: bool,
+    /// How the input objects are stored.
+    pub compression: Compression,
 }
 
 /// One of `count` disjoint parts of a job's objects: those whose key, relative to the input
@@ -187,6 +199,7 @@ impl Default for JobConfig {
             sketch_part_records: 1024,
             shard: None,
             manifest: false,
+            compression: Compression::None,
         }
     }
 }
@@ -969,13 +982,14 @@ async fn run_pipeline(
     let (pool_tx, pool_rx) = crossbeam_channel::bounded::<Vec<u8>>(cfg.threads * max_batch * 2);
 
     let mut threads = Vec::new();
+    let gunzip = (cfg.compression == Compression::Gzip).then_some(cfg.max_payload);
     for i in 0..cfg.decode_threads {
         let (rx, tx, events, stats, plan, pool) =
             (decode_rx.clone(), infer_tx.clone(), event_tx.clone(), stats.clone(), plan.clone(), pool_rx.clone());
         threads.push(
             std::thread::Builder::new()
                 .name(format!("ferry-decode-{i}"))
-                .spawn(move || decode_loop(plan, rx, tx, events, stats, pool))
+                .spawn(move || decode_loop(plan, gunzip, rx, tx, events, stats, pool))
                 .expect("spawning a decode thread"),
         );
     }
@@ -1305,8 +1319,25 @@ async fn write_object(
     outcome
 }
 
+/// `bytes` gunzipped into `out`, refused past `limit` bytes: a few kilobytes of gzip can hold
+/// gigabytes of zeros.
+fn gunzip(bytes: &[u8], limit: u64, out: &mut Vec<u8>) -> Result<(), String> {
+    use std::io::Read;
+    out.clear();
+    // Concatenated members are one stream, as gzip(1) reads them.
+    let mut reader = flate2::read::MultiGzDecoder::new(bytes).take(limit + 1);
+    reader.read_to_end(out).map_err(|e| format!("not gzip data (--compression gzip): {e}"))?;
+    if out.len() as u64 > limit {
+        return Err(format!("decompresses to more than the payload limit of {} MiB (--max-payload-mb)", limit >> 20));
+    }
+    Ok(())
+}
+
+/// Decodes images until `rx` closes; `gunzip_limit` is the decompressed-size limit when the inputs
+/// are gzip-compressed.
 fn decode_loop(
     plan: ImagePlan,
+    gunzip_limit: Option<u64>,
     rx: async_channel::Receiver<DecodeJob>,
     tx: crossbeam_channel::Sender<Decoded>,
     events: async_channel::Sender<Event>,
@@ -1314,21 +1345,28 @@ fn decode_loop(
     pool: crossbeam_channel::Receiver<Vec<u8>>,
 ) {
     let mut decoder = ImageDecoder::new(plan.clone());
+    let mut inflated = Vec::new();
     while let Ok(job) = rx.recv_blocking() {
         let t = Instant::now();
+        let bytes = match gunzip_limit {
+            None => Ok(&job.bytes[..]),
+            Some(limit) => gunzip(&job.bytes, limit, &mut inflated).map(|()| &inflated[..]),
+        };
         let mut pixels = pool.try_recv().unwrap_or_else(|_| Vec::with_capacity(plan.pixels_len()));
-        let result =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decoder.decode_pixels(&job.bytes, &mut pixels)));
+        let result = bytes.map(|bytes| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decoder.decode_pixels(bytes, &mut pixels)))
+        });
         Stats::add(&stats.decode_ns, t);
         let error = match result {
-            Ok(Ok(())) => {
+            Err(e) => e,
+            Ok(Ok(Ok(()))) => {
                 if tx.send(Decoded { id: job.id, index: job.index, pixels }).is_err() {
                     return;
                 }
                 continue;
             }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => {
+            Ok(Ok(Err(e))) => e.to_string(),
+            Ok(Err(_)) => {
                 decoder = ImageDecoder::new(plan.clone());
                 "the image decoder panicked on this input".to_string()
             }

@@ -384,6 +384,50 @@ fn a_manifest_names_the_inputs() {
 }
 
 #[test]
+fn gzipped_inputs_are_decompressed_within_the_payload_limit() {
+    use std::io::Write;
+    let gz = |bytes: &[u8]| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(bytes).unwrap();
+        e.finish().unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    std::fs::create_dir(&input).unwrap();
+    for name in ["chelsea.jpg", "coffee.png"] {
+        std::fs::write(input.join(format!("{name}.gz")), gz(&std::fs::read(examples().join(name)).unwrap())).unwrap();
+    }
+    // A few kilobytes that inflate to 8 MiB, over a 2 MiB limit; and a file that is not gzip.
+    std::fs::write(input.join("bomb.jpg.gz"), gz(&vec![0; 8 << 20])).unwrap();
+    std::fs::copy(examples().join("rocket.jpg"), input.join("plain.jpg")).unwrap();
+    let (zipped, plain) = (dir.path().join("zipped"), dir.path().join("plain"));
+    let o = transform(&[
+        "--model",
+        mobilenet().to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        zipped.to_str().unwrap(),
+        "--compression",
+        "Gzip",
+        "--max-payload-mb",
+        "2",
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("4 objects (2 written, 2 failed"), "{err}");
+    assert!(err.contains("bomb.jpg.gz record 0: decompresses to more than the payload limit of 2 MiB"), "{err}");
+    assert!(err.contains("plain.jpg record 0: not gzip data (--compression gzip)"), "{err}");
+    let o = example_job(&plain, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for name in ["chelsea.jpg", "coffee.png"] {
+        let (a, b) =
+            (std::fs::read(plain.join(format!("{name}.out"))), std::fs::read(zipped.join(format!("{name}.gz.out"))));
+        assert!(a.unwrap() == b.unwrap(), "{name}: the gzipped input gives other outputs");
+    }
+}
+
+#[test]
 fn a_bare_greyscale_model_gets_pillows_luma() {
     // [N, 1, 224, 224], and no ferry.toml line says greyscale: the channel count is read from
     // the model. Pillow converts to "L" before resizing, ferry after, so each rounding may fall
