@@ -14,12 +14,15 @@ that a listing takes several pages.
 
 usage: s3_moto.py PHOTO markers | s3_moto.py PHOTO odd-keys N
 """
+import logging
 import socket
 import sys
 
 import boto3
 from moto.server import ThreadedMotoServer
 
+# One line per request on stderr otherwise.
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]

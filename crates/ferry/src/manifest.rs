@@ -22,6 +22,28 @@ pub struct Manifest {
     pub keys: Vec<String>,
 }
 
+impl Manifest {
+    /// The location to open and the keys relative to it. SageMaker appends each entry to the
+    /// prefix as a string, so a prefix that does not end in `/` is a folder plus the start of
+    /// every key in it (`s3://b/images/cat` and `1.jpg` give `images/cat1.jpg`). `is_dir` says
+    /// whether a local prefix is a folder, which is then taken whole.
+    pub fn split(&self, is_dir: impl Fn(&str) -> bool) -> (String, Vec<String>) {
+        let p = self.prefix.as_str();
+        let bucket_only = ["s3://", "s3a://"].iter().any(|s| p.strip_prefix(s).is_some_and(|rest| !rest.contains('/')));
+        let (folder, stem) = if p.ends_with('/') {
+            (p.to_string(), "")
+        } else if bucket_only || (!p.contains("://") && is_dir(p)) {
+            (format!("{p}/"), "")
+        } else {
+            match p.rsplit_once('/') {
+                Some((head, tail)) => (format!("{head}/"), tail),
+                None => ("./".to_string(), p),
+            }
+        };
+        (folder, self.keys.iter().map(|k| format!("{stem}{k}")).collect())
+    }
+}
+
 /// Reads a manifest's bytes; the error names the entry that is wrong.
 pub fn parse(bytes: &[u8]) -> Result<Manifest, String> {
     let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8 text: {e}"))?;
@@ -55,6 +77,21 @@ pub fn parse(bytes: &[u8]) -> Result<Manifest, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entries_are_appended_to_the_prefix_as_strings() {
+        let m = |prefix: &str| Manifest { prefix: prefix.into(), keys: vec!["1.jpg".into(), "a/2.jpg".into()] };
+        let split = |prefix: &str, dir: bool| m(prefix).split(|_| dir);
+        assert_eq!(split("s3://b/images/", false), ("s3://b/images/".into(), vec!["1.jpg".into(), "a/2.jpg".into()]));
+        assert_eq!(
+            split("s3://b/images/cat", false),
+            ("s3://b/images/".into(), vec!["cat1.jpg".into(), "cata/2.jpg".into()])
+        );
+        assert_eq!(split("s3://b", false).0, "s3://b/");
+        assert_eq!(split("/data/images", true).0, "/data/images/", "a local folder is taken whole");
+        assert_eq!(split("/data/images/cat", false).1[0], "cat1.jpg");
+        assert_eq!(split("cat", false), ("./".into(), vec!["cat1.jpg".into(), "cata/2.jpg".into()]));
+    }
 
     #[test]
     fn a_manifest_is_a_prefix_and_relative_keys() {

@@ -754,9 +754,10 @@ async fn from_manifest(url: &str, max_retries: usize) -> Result<(Location, (Vec<
     if manifest.keys.is_empty() {
         return Err(bad("it lists no objects".into()));
     }
-    let input = Location::open(&manifest.prefix, false, max_retries)?;
+    let (folder, relatives) = manifest.split(|p| std::path::Path::new(p.strip_prefix("file://").unwrap_or(p)).is_dir());
+    let input = Location::open(&folder, false, max_retries)?;
     let (mut keys, mut failures) = (Vec::new(), Vec::new());
-    for relative in manifest.keys {
+    for relative in relatives {
         let parts: Vec<&str> = relative.split('/').collect();
         match input.child(&parts, "") {
             Ok(key) => keys.push(key),

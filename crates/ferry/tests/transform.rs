@@ -368,6 +368,15 @@ fn a_manifest_names_the_inputs() {
     assert_eq!(files(&out), ["_ferry/report.json", "chelsea.jpg.out", "coffee.png.out"]);
     assert_eq!(top_label(&out.join("chelsea.jpg.out")), "Egyptian cat");
 
+    // Entries are appended to the prefix as strings, as SageMaker does.
+    let stem = serde_json::json!([{"prefix": prefix.join("co").to_str().unwrap()}, "ffee.png"]);
+    std::fs::write(&manifest, stem.to_string()).unwrap();
+    let out = dir.path().join("out-stem");
+    let args = ["--input", manifest.to_str().unwrap(), "--manifest", "--output", out.to_str().unwrap()];
+    let o = transform(&[&["--model", mobilenet().to_str().unwrap(), "--top-k", "1"], &args[..]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(files(&out), ["_ferry/report.json", "coffee.png.out"]);
+
     std::fs::write(&manifest, "[\"chelsea.jpg\"]").unwrap();
     let o = transform(&[
         "--model",
