@@ -27,6 +27,9 @@ global average pooling, [N, 3, 224, 224] -> [N, 8]; stored with its weights insi
 with them in model.onnx.data beside it (ONNX external data, which PyTorch's exporter writes for
 large models).
 
+dynamic_hw: [N, 3, H, W] -> the channel means [N, 3], height and width left to ferry.toml (it has
+none), as exports with dynamic spatial axes declare them.
+
 typed_outputs: [N, 3, 8, 8] -> the channel means as floats ("means"), their argmax as int64
 ("label"), whether each is over 0.5 as bool ("bright"), each times 255 cast to uint8 ("level"),
 as double ("double") and the label as a string ("name"): every kind of output a .out writes.
@@ -136,3 +139,20 @@ def typed_outputs():
 
 
 typed_outputs()
+
+
+def dynamic_hw():
+    out = os.path.join(here, "..", "tests", "fixtures", "dynamic_hw")
+    os.makedirs(out, exist_ok=True)
+    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 3, "height", "width"])
+    y = helper.make_tensor_value_info("means", TensorProto.FLOAT, ["batch", 3])
+    nodes = [helper.make_node("GlobalAveragePool", ["pixels"], ["pooled"]), helper.make_node("Flatten", ["pooled"], ["means"])]
+    graph = helper.make_graph(nodes, "dynamic_hw", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, os.path.join(out, "model.onnx"))
+    print("wrote", os.path.normpath(out))
+
+
+dynamic_hw()

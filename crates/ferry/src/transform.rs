@@ -631,7 +631,17 @@ fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
     };
     let model = ferry_backend::load(&dir.onnx, &options)?;
     let info = model.info();
-    let plan = ImagePlan::for_model(&dir.input, info, cfg.max_image_pixels)?.with_dct_scaling(cfg.dct_scaling);
+    let plan = ImagePlan::for_model(&dir.input, info, cfg.max_image_pixels)
+        .map_err(|e| match &dir.dir {
+            Some(_) => JobError::Plan(e),
+            // A bare file has nowhere to say it.
+            None => JobError::Config(format!(
+                "{e} ({} is a bare .onnx file: make a folder holding it as model.onnx and a ferry.toml, and give \
+                 --model the folder)",
+                dir.onnx.display()
+            )),
+        })?
+        .with_dct_scaling(cfg.dct_scaling);
     let fixed_batch = info.fixed_batch();
     let mut shape = vec![fixed_batch.unwrap_or(1)];
     shape.extend(plan.item_shape());

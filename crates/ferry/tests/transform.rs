@@ -714,6 +714,25 @@ fn preprocessing_that_does_not_fit_the_model_is_refused_up_front() {
     assert!(err.contains("128x128") && err.contains("224x224"), "{err}");
 }
 
+/// A model with dynamic height and width needs a size from ferry.toml: a bare file is told how
+/// to give one, and a folder that gives one runs.
+#[test]
+fn a_dynamic_size_comes_from_ferry_toml() {
+    let fixture = repo().join("tests/fixtures/dynamic_hw/model.onnx");
+    let out = tempfile::tempdir().unwrap();
+    let o = examples_through(&fixture, out.path(), &[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("input size is dynamic") && err.contains("is a bare .onnx file: make a folder"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(&fixture, dir.path().join("model.onnx")).unwrap();
+    std::fs::write(dir.path().join("ferry.toml"), "[input]\nresize = 64\ncrop = [48, 32]\n").unwrap();
+    let o = examples_through(dir.path(), out.path(), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let means = json(&out.path().join("chelsea.jpg.out"))["predictions"][0].clone();
+    assert_eq!(means.as_array().map(Vec::len), Some(3), "{means}");
+}
+
 #[test]
 fn an_unreachable_store_is_one_clear_message() {
     let out = tempfile::tempdir().unwrap();
