@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -310,6 +311,7 @@ impl TransformArgs {
             shard: self.shard,
             manifest: self.manifest,
             compression: self.compression,
+            stop: None,
         }
     }
 }
@@ -328,6 +330,52 @@ fn batch_scheduling() {
             tracing::debug!("SCHED_BATCH refused: {}", std::io::Error::last_os_error());
         }
     }
+}
+
+/// The signal that stopped a job, once one has.
+#[derive(Debug, Clone, Default)]
+struct Caught(Arc<std::sync::atomic::AtomicU8>);
+
+impl Caught {
+    fn number(&self) -> u8 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    fn name(&self) -> &'static str {
+        if self.number() == 2 {
+            "SIGINT"
+        } else {
+            "SIGTERM"
+        }
+    }
+}
+
+/// The first SIGTERM (Kubernetes stopping a pod) or Ctrl-C stops a job gracefully: no new
+/// objects, those in flight finished, the report written. A second one ends the process at once,
+/// which is safe too: outputs are atomic and a rerun resumes.
+fn stop_on_signal() -> (Caught, tokio::sync::watch::Receiver<bool>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let caught = Caught::default();
+    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => return (caught, rx),
+    };
+    let seen = caught.clone();
+    tokio::spawn(async move {
+        for n in 0.. {
+            let number = tokio::select! {
+                _ = term.recv() => 15,
+                _ = int.recv() => 2,
+            };
+            if n > 0 {
+                std::process::exit(128 + number as i32);
+            }
+            seen.0.store(number, std::sync::atomic::Ordering::Relaxed);
+            eprintln!("stopping: finishing the objects in flight (again to stop at once)");
+            let _ = tx.send(true);
+        }
+    });
+    (caught, rx)
 }
 
 /// Says why a command could not run, and exits with 2.
@@ -363,8 +411,19 @@ fn main() -> ExitCode {
                 Ok(a) => a,
                 Err(e) => return fail(e),
             };
-            let config = args.into_config(artifact.path.clone());
+            let mut config = args.into_config(artifact.path.clone());
+            let signal = runtime.block_on(async { stop_on_signal() });
+            config.stop = Some(signal.1);
             match runtime.block_on(transform::run(config)) {
+                Ok(report) if report.objects_not_started > 0 => {
+                    summarise(&report);
+                    eprintln!(
+                        "stopped by {}: {} objects not started; run the same command again to finish them",
+                        signal.0.name(),
+                        report.objects_not_started
+                    );
+                    ExitCode::from(128 + signal.0.number())
+                }
                 Ok(report) => summarise(&report),
                 Err(e) => {
                     // The job ran, but its report could not be written: what it did still counts.

@@ -136,6 +136,9 @@ pub struct JobConfig {
     pub manifest: bool,
     /// How the input objects are stored.
     pub compression: Compression,
+    /// Becomes `true` to stop the job early (the CLI's SIGTERM and Ctrl-C): no more objects are
+    /// started, those in flight are finished and written, and the report says what was left.
+    pub stop: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// One of `count` disjoint parts of a job's objects: those whose key, relative to the input
@@ -200,6 +203,7 @@ impl Default for JobConfig {
             shard: None,
             manifest: false,
             compression: Compression::None,
+            stop: None,
         }
     }
 }
@@ -296,6 +300,9 @@ pub struct JobReport {
     pub objects_failed: usize,
     /// Objects whose `.out` already existed (finished by an earlier run).
     pub objects_skipped: usize,
+    /// Objects not started because the job was told to stop; a rerun does them.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub objects_not_started: usize,
     /// Records that went through the model.
     pub records: u64,
     /// Records that failed.
@@ -387,6 +394,10 @@ enum Event {
     /// The object's `.out` waits for the part file holding its sketches.
     Parked {
         id: usize,
+    },
+    /// The job was told to stop: objects from `count` on will not be started.
+    Stopped {
+        count: usize,
     },
 }
 
@@ -900,6 +911,7 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
         objects_succeeded: outcome.succeeded,
         objects_failed: outcome.failed + rejected,
         objects_skipped: skipped,
+        objects_not_started: outcome.not_started,
         records: outcome.records,
         records_failed: outcome.records_failed,
         batches,
@@ -928,6 +940,10 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
         Ok(()) => Ok(report),
         Err((path, reason)) => Err(JobError::Report { path, reason, report: Box::new(report) }),
     }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Whether an object under the input prefix is one a job wrote: its outputs live under `exclude`
@@ -961,6 +977,7 @@ async fn write_report(cfg: &JobConfig, output: &Location, report: &JobReport) ->
 }
 
 struct PipelineOutcome {
+    not_started: usize,
     succeeded: usize,
     failed: usize,
     records: u64,
@@ -1043,9 +1060,23 @@ async fn run_pipeline(
     let max_payload = cfg.max_payload;
     let feeder = {
         let (items, store, events, stats) = (items.clone(), input.store.clone(), event_tx.clone(), stats.clone());
+        let mut stop = cfg.stop.clone();
         tokio::spawn(async move {
             for id in 0..items.len() {
-                let permit = semaphore.clone().acquire_owned().await.expect("the semaphore is never closed");
+                let stopped = async {
+                    match &mut stop {
+                        Some(rx) => rx.wait_for(|&s| s).await.map(|_| ()).unwrap_or(()),
+                        None => std::future::pending().await,
+                    }
+                };
+                let permit = tokio::select! {
+                    biased;
+                    () = stopped => {
+                        let _ = events.send(Event::Stopped { count: id }).await;
+                        break;
+                    }
+                    p = semaphore.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+                };
                 let (items, store, events, decode, stats) =
                     (items.clone(), store.clone(), events.clone(), decode_tx.clone(), stats.clone());
                 tokio::spawn(async move {
@@ -1077,7 +1108,14 @@ async fn run_pipeline(
 
     let mut progress = Progress::new(cfg.progress, items.len(), skipped);
     let mut pending: HashMap<usize, Pending> = HashMap::new();
-    let mut out = PipelineOutcome { succeeded: 0, failed: 0, records: 0, records_failed: 0, failures: Vec::new() };
+    let mut out = PipelineOutcome {
+        not_started: 0,
+        succeeded: 0,
+        failed: 0,
+        records: 0,
+        records_failed: 0,
+        failures: Vec::new(),
+    };
     let mut finished = 0;
     // Writers hold a sender so the loop can hear their results; the loop ends when every object is
     // accounted for.
@@ -1115,14 +1153,16 @@ async fn run_pipeline(
     // Objects whose `.out` waits for a sketch part; once nothing else is open, the last part
     // is written without waiting for it to fill.
     let (mut parked, mut flushed) = (HashSet::new(), false);
-    while finished < items.len() {
+    // Every object, unless the job is told to stop.
+    let mut total = items.len();
+    while finished < total {
         // Once every object has gone to be written, the sketch threads need not wait for more.
-        if finished + writing == items.len() {
+        if finished + writing == total {
             sketch_tx = None;
         }
         if let Some((tx, open, _)) = &parts {
-            open.store(items.len() - finished - parked.len(), Ordering::Relaxed);
-            if !parked.is_empty() && !flushed && finished + parked.len() == items.len() {
+            open.store(total - finished - parked.len(), Ordering::Relaxed);
+            if !parked.is_empty() && !flushed && finished + parked.len() == total {
                 let _ = tx.send(PartMsg::Flush);
                 flushed = true;
             }
@@ -1257,6 +1297,14 @@ async fn run_pipeline(
             Event::Parked { id } => {
                 parked.insert(id);
             }
+            Event::Stopped { count } => {
+                tracing::warn!(
+                    started = count,
+                    left = items.len() - count,
+                    "stopping: finishing the objects in flight"
+                );
+                total = count;
+            }
             Event::Written { id, outcome } => {
                 writing -= 1;
                 finished += 1;
@@ -1285,7 +1333,8 @@ async fn run_pipeline(
     for t in threads {
         t.join().expect("a pipeline thread panicked");
     }
-    if finished < items.len() {
+    out.not_started = items.len() - total;
+    if finished < total {
         for p in pending.keys() {
             out.failures.push(Failure {
                 object: items[*p].key.to_string(),

@@ -823,6 +823,44 @@ fn a_killed_job_resumes_to_byte_identical_outputs() {
     }
 }
 
+/// SIGTERM, as Kubernetes stops a pod: no new objects, those in flight written, the report says
+/// how many were left, and the exit status is 128 + 15. A rerun finishes the rest.
+#[test]
+fn sigterm_finishes_what_is_in_flight_and_reports_the_rest() {
+    let data = tempfile::tempdir().unwrap();
+    make_dataset(data.path(), 200);
+    let out = tempfile::tempdir().unwrap();
+    let model = mobilenet();
+    let args = ["--model", model.to_str().unwrap(), "--input", data.path().to_str().unwrap()];
+    let args = [&args[..], &["--output", out.path().to_str().unwrap(), "--threads", "1"]].concat();
+    let child = ferry().arg("transform").args(&args).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while files(out.path()).iter().filter(|f| f.ends_with(".out")).count() < 10 && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(143), "{err}");
+    let report = json(&out.path().join("_ferry/report.json"));
+    let (written, left) =
+        (report["objects_succeeded"].as_u64().unwrap(), report["objects_not_started"].as_u64().unwrap());
+    assert!(written >= 10 && left > 0, "{report}");
+    assert_eq!(report["objects_failed"], 0, "{report}");
+    assert_eq!(written + left, report["objects_total"].as_u64().unwrap(), "{report}");
+    assert!(err.contains(&format!("stopped by SIGTERM: {left} objects not started")), "{err}");
+    let outs = files(out.path()).into_iter().filter(|f| f.ends_with(".out")).count() as u64;
+    assert_eq!(outs, written, "every object started was written, and nothing else");
+    assert!(files(out.path()).iter().all(|f| !f.contains("ferry-partial")));
+
+    let o = transform(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report = json(&out.path().join("_ferry/report.json"));
+    assert_eq!(report["objects_skipped"].as_u64().unwrap(), written, "{report}");
+    assert!(report.get("objects_not_started").is_none(), "{report}");
+}
+
 #[test]
 fn outputs_inside_the_input_folder_are_not_taken_for_inputs() {
     let data = tempfile::tempdir().unwrap();
