@@ -349,18 +349,13 @@ fn a_manifest_names_the_inputs() {
         "chelsea.jpg", "coffee.png", "chelsea.jpg", "missing.jpg", "../README.md"
     ]);
     std::fs::write(&manifest, entries.to_string()).unwrap();
+    let model = mobilenet();
+    let job = |out: &std::path::Path| {
+        let args = ["--input", manifest.to_str().unwrap(), "--manifest", "--output", out.to_str().unwrap()];
+        transform(&[&["--model", model.to_str().unwrap(), "--top-k", "1"], &args[..]].concat())
+    };
     let out = dir.path().join("out");
-    let o = transform(&[
-        "--model",
-        mobilenet().to_str().unwrap(),
-        "--input",
-        manifest.to_str().unwrap(),
-        "--manifest",
-        "--output",
-        out.to_str().unwrap(),
-        "--top-k",
-        "1",
-    ]);
+    let o = job(&out);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("4 objects (2 written, 2 failed"), "each listed key once: {err}");
@@ -372,21 +367,12 @@ fn a_manifest_names_the_inputs() {
     let stem = serde_json::json!([{"prefix": prefix.join("co").to_str().unwrap()}, "ffee.png"]);
     std::fs::write(&manifest, stem.to_string()).unwrap();
     let out = dir.path().join("out-stem");
-    let args = ["--input", manifest.to_str().unwrap(), "--manifest", "--output", out.to_str().unwrap()];
-    let o = transform(&[&["--model", mobilenet().to_str().unwrap(), "--top-k", "1"], &args[..]].concat());
+    let o = job(&out);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(files(&out), ["_ferry/report.json", "coffee.png.out"]);
 
     std::fs::write(&manifest, "[\"chelsea.jpg\"]").unwrap();
-    let o = transform(&[
-        "--model",
-        mobilenet().to_str().unwrap(),
-        "--input",
-        manifest.to_str().unwrap(),
-        "--manifest",
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let o = job(&out);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("manifest.json: entry 0 must be {\"prefix\""), "{err}");
