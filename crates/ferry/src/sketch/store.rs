@@ -181,22 +181,35 @@ pub fn profile_key(set: &Location) -> Path {
 /// Makes `profile` the profile of the set at `set`, or finds it there already. A set that holds
 /// another profile (a refit, another seed or format) is refused: its rows can only be read with
 /// the profile they were made with.
+///
+/// Shards of one job claim a set at the same moment. In a folder, one may find the file while
+/// another is still writing it, or lose the race to rename it into place; both are retried for a
+/// second before they count as errors.
 pub async fn claim(set: &Location, profile: &SketchProfile) -> Result<(), String> {
     let key = profile_key(set);
-    match get_bytes(set.store.as_ref(), &key).await {
-        Ok(old) if SketchProfile::from_json(&old).ok().as_ref() == Some(profile) => return Ok(()),
-        Ok(_) => {
-            return Err(format!(
-                "sketch set {} was made with another sketch profile; write these sketches to a new set",
-                set.url
-            ));
-        }
-        Err(object_store::Error::NotFound { .. }) => {}
-        Err(e) => return Err(format!("reading the sketch profile of {}: {e}", set.url)),
-    }
     let body = serde_json::to_vec_pretty(profile).expect("the profile serialises");
-    set.write_whole(&key, body).await.map_err(|e| format!("writing the sketch profile to {}: {e}", set.url))?;
-    Ok(())
+    let mut last = String::new();
+    for _ in 0..20 {
+        match get_bytes(set.store.as_ref(), &key).await {
+            Ok(old) => match SketchProfile::from_json(&old) {
+                Ok(old) if &old == profile => return Ok(()),
+                Ok(_) => {
+                    return Err(format!(
+                        "sketch set {} was made with another sketch profile; write these sketches to a new set",
+                        set.url
+                    ))
+                }
+                Err(e) => last = format!("the sketch profile of {} is unreadable: {e}", set.url),
+            },
+            Err(object_store::Error::NotFound { .. }) => match set.write_whole(&key, body.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = format!("writing the sketch profile to {}: {e}", set.url),
+            },
+            Err(e) => return Err(format!("reading the sketch profile of {}: {e}", set.url)),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Err(last)
 }
 
 /// A loaded sketch set.
@@ -251,9 +264,30 @@ impl SketchSet {
 mod tests {
     use super::*;
 
+    /// Shards of one job claim a folder's set at once, again and again: none fails.
     #[test]
-    fn rows_round_trip_through_parquet() {
-        let profile = SketchProfile {
+    fn concurrent_claims_of_one_profile_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = tiny_profile();
+        for round in 0..30 {
+            let url = dir.path().join(format!("set{round}")).to_str().unwrap().to_string();
+            let claims: Vec<_> = (0..4)
+                .map(|_| {
+                    let (url, profile) = (url.clone(), profile.clone());
+                    std::thread::spawn(move || {
+                        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                        rt.block_on(async { claim(&Location::open(&url, true, 0).unwrap(), &profile).await })
+                    })
+                })
+                .collect();
+            for c in claims {
+                c.join().unwrap().unwrap();
+            }
+        }
+    }
+
+    fn tiny_profile() -> SketchProfile {
+        SketchProfile {
             format: 1,
             recipe: "classifier".into(),
             d: 4,
@@ -273,7 +307,12 @@ mod tests {
             stages: Vec::new(),
             modules: vec!["image".into(), "a".into()],
             calibration_records: 1,
-        };
+        }
+    }
+
+    #[test]
+    fn rows_round_trip_through_parquet() {
+        let profile = tiny_profile();
         let rows = vec![
             SketchRow { key: "a/b.jpg".into(), record: 0, sketch: vec![1.0, -2.5, 3.0, 0.0], seed: 9, d: 4 },
             SketchRow { key: "a/b.jpg".into(), record: 1, sketch: vec![0.5, 0.25], seed: 9, d: 4 },
