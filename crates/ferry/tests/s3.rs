@@ -229,11 +229,18 @@ fn shards_split_a_job_between_processes() {
     let o = s.transform(&args(&whole).iter().map(String::as_str).collect::<Vec<_>>());
     assert!(o.status.success(), "{}", stderr(&o));
 
+    // The pods also sketch into one set, which they claim at the same moment.
+    let profile = local.path().join("profile.json");
+    let fit = ["sketch", "fit", "--model", model.to_str().unwrap(), "--input", local.path().to_str().unwrap()];
+    let o = s.ferry(&[&fit[..], &["--output", profile.to_str().unwrap()]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let set = format!("s3://{}/{run}/sketches/", s.bucket);
     let sharded = format!("s3://{}/{run}/sharded/", s.bucket);
     let pods: Vec<_> = (0..3)
         .map(|i| {
             let mut c = ferry();
             c.arg("transform").args(args(&sharded)).args(["--shard", &format!("{i}/3"), "--threads", "1"]);
+            c.args(["--sketch", &set, "--sketch-profile", profile.to_str().unwrap()]);
             c.envs(s.env.iter().map(|(k, v)| (k, v))).stdout(Stdio::null()).stderr(Stdio::piped());
             c.spawn().unwrap()
         })
@@ -260,6 +267,18 @@ fn shards_split_a_job_between_processes() {
     for name in &names {
         let (a, b) = (get(format!("{run}/whole/{name}.out")), get(format!("{run}/sharded/{name}.out")));
         assert!(a == b, "{name}: the sharded output differs from the whole job's");
+    }
+    // One set: every object's sketch once, from parts each shard named for itself.
+    let o = s.ferry(&["sketch", "similar", "--sketches", &set, "--to", &names[0], "-k", "1000"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(String::from_utf8(o.stdout).unwrap().lines().count(), names.len() - 1, "every other object once");
+    let parts: Vec<String> = block_on(async {
+        use futures::TryStreamExt;
+        let metas: Vec<_> = store.list(Some(&Path::from(format!("{run}/sketches")))).try_collect().await.unwrap();
+        metas.into_iter().map(|m| m.location.to_string()).filter(|k| k.ends_with(".parquet")).collect()
+    });
+    for i in 0..3 {
+        assert!(parts.iter().any(|k| k.contains(&format!("-shard{i}of3-"))), "{parts:?}");
     }
     // A pod that restarts resumes its own shard.
     let mut again = args(&sharded);
