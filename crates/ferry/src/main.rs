@@ -368,6 +368,13 @@ fn stop_on_signal() -> (Caught, tokio::sync::watch::Receiver<bool>) {
                 _ = int.recv() => 2,
             };
             if n > 0 {
+                // Without running exit handlers: they would tear down ONNX Runtime under the
+                // sessions still running, which then log errors.
+                #[cfg(target_os = "linux")]
+                unsafe {
+                    libc::_exit(128 + number as i32)
+                };
+                #[cfg(not(target_os = "linux"))]
                 std::process::exit(128 + number as i32);
             }
             seen.0.store(number, std::sync::atomic::Ordering::Relaxed);
