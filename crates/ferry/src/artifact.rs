@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use futures::StreamExt;
 use object_store::ObjectStoreExt;
 
-use crate::store::{Location, StoreError};
+use crate::store::{is_bucket_url, Location, StoreError};
 
 /// Why a model location could not be made local.
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +60,7 @@ fn is_archive(name: &str) -> bool {
 /// Makes `--model`'s value local: a path as it is, an archive unpacked, an `s3://` object or
 /// prefix fetched (and unpacked when it is an archive).
 pub async fn resolve(model: &str, max_retries: usize) -> Result<Artifact, ArtifactError> {
-    if !model.starts_with("s3://") && !model.starts_with("s3a://") {
+    if !is_bucket_url(model) {
         let path = PathBuf::from(model.strip_prefix("file://").unwrap_or(model));
         if !(path.is_file() && is_archive(model)) {
             return Ok(Artifact { path, temporary: false, _dir: None });
@@ -73,11 +73,10 @@ pub async fn resolve(model: &str, max_retries: usize) -> Result<Artifact, Artifa
     let fetch = |reason: String| ArtifactError::Fetch { url: model.to_string(), reason };
     let dir = temp_dir()?;
     let trimmed = model.trim_end_matches('/');
-    let (parent, name) = trimmed.rsplit_once('/').unwrap_or(("", trimmed));
+    let name = trimmed.rsplit_once('/').map_or(trimmed, |(_, name)| name);
     if is_archive(name) || name.ends_with(".onnx") {
         // One object, fetched into a file of the same name.
-        let location = Location::open(&format!("{parent}/"), false, max_retries)?;
-        let key = location.child(&[name], "").map_err(fetch)?;
+        let (location, key) = Location::open_object(trimmed, max_retries)?;
         let file = dir.path().join(name);
         download(&location, &key, &file).await.map_err(fetch)?;
         if name.ends_with(".onnx") {

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -332,42 +331,25 @@ fn batch_scheduling() {
     }
 }
 
-/// The signal that stopped a job, once one has.
-#[derive(Debug, Clone, Default)]
-struct Caught(Arc<std::sync::atomic::AtomicU8>);
-
-impl Caught {
-    fn number(&self) -> u8 {
-        self.0.load(std::sync::atomic::Ordering::Relaxed)
-    }
-    fn name(&self) -> &'static str {
-        if self.number() == 2 {
-            "SIGINT"
-        } else {
-            "SIGTERM"
-        }
-    }
-}
+/// The number of the signal that stopped a job, once one has.
+static CAUGHT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// The first SIGTERM (Kubernetes stopping a pod) or Ctrl-C stops a job gracefully: no new
 /// objects, those in flight finished, the report written. A second one ends the process at once,
 /// which is safe too: outputs are atomic and a rerun resumes.
-fn stop_on_signal() -> (Caught, tokio::sync::watch::Receiver<bool>) {
+fn stop_on_signal() -> tokio::sync::watch::Receiver<bool> {
     use tokio::signal::unix::{signal, SignalKind};
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let caught = Caught::default();
-    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(t), Ok(i)) => (t, i),
-        _ => return (caught, rx),
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return rx;
     };
-    let seen = caught.clone();
     tokio::spawn(async move {
-        for n in 0.. {
+        loop {
             let number = tokio::select! {
                 _ = term.recv() => 15,
                 _ = int.recv() => 2,
             };
-            if n > 0 {
+            if CAUGHT.swap(number, std::sync::atomic::Ordering::Relaxed) != 0 {
                 // Without running exit handlers: they would tear down ONNX Runtime under the
                 // sessions still running, which then log errors.
                 #[cfg(target_os = "linux")]
@@ -377,12 +359,11 @@ fn stop_on_signal() -> (Caught, tokio::sync::watch::Receiver<bool>) {
                 #[cfg(not(target_os = "linux"))]
                 std::process::exit(128 + number as i32);
             }
-            seen.0.store(number, std::sync::atomic::Ordering::Relaxed);
             eprintln!("stopping: finishing the objects in flight (again to stop at once)");
             let _ = tx.send(true);
         }
     });
-    (caught, rx)
+    rx
 }
 
 /// Says why a command could not run, and exits with 2.
@@ -419,17 +400,17 @@ fn main() -> ExitCode {
                 Err(e) => return fail(e),
             };
             let mut config = args.into_config(artifact.path.clone());
-            let signal = runtime.block_on(async { stop_on_signal() });
-            config.stop = Some(signal.1);
+            config.stop = Some(runtime.block_on(async { stop_on_signal() }));
             match runtime.block_on(transform::run(config)) {
                 Ok(report) if report.objects_not_started > 0 => {
                     summarise(&report);
+                    let number = CAUGHT.load(std::sync::atomic::Ordering::Relaxed);
                     eprintln!(
                         "stopped by {}: {} objects not started; run the same command again to finish them",
-                        signal.0.name(),
+                        if number == 2 { "SIGINT" } else { "SIGTERM" },
                         report.objects_not_started
                     );
-                    ExitCode::from(128 + signal.0.number())
+                    ExitCode::from(128 + number)
                 }
                 Ok(report) => summarise(&report),
                 Err(e) => {

@@ -44,6 +44,14 @@ pub enum StoreError {
     /// The AWS profile named, or its files, could not be used.
     #[error("{0}")]
     Profile(String),
+    /// A URL that should name one object and does not.
+    #[error("{url}: not an object ({reason})")]
+    BadKey {
+        /// The URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
     /// A bucket prefix that is not a key (an empty part, a control character).
     #[error("{url}: the prefix is not a valid key ({reason})")]
     BadPrefix {
@@ -276,24 +284,32 @@ fn header_safe(from: &str, value: &str) -> Result<(), StoreError> {
 /// The whole of the one object `url` names (a file, or an `s3://` object), if it holds at most
 /// `limit` bytes.
 pub async fn read_object(url: &str, max_retries: usize, limit: u64) -> Result<Bytes, String> {
-    if !url.starts_with("s3://") && !url.starts_with("s3a://") {
-        let path = PathBuf::from(url.strip_prefix("file://").unwrap_or(url));
-        let size = std::fs::metadata(&path).map_err(|e| e.to_string())?.len();
-        if size > limit {
-            return Err(format!("{size} bytes, over the limit of {limit}"));
-        }
-        return std::fs::read(&path).map(Bytes::from).map_err(|e| e.to_string());
-    }
-    let (parent, name) = url.rsplit_once('/').filter(|(_, n)| !n.is_empty()).ok_or("names a prefix, not an object")?;
-    let location = Location::open(&format!("{parent}/"), false, max_retries).map_err(|e| e.to_string())?;
-    let key = location.child(&[name], "")?;
+    let (location, key) = Location::open_object(url, max_retries).map_err(|e| e.to_string())?;
     get_bytes_within(location.store.as_ref(), &key, limit).await.map_err(|e| match e {
         FetchError::Read(reason) => format!("{reason}{}", location.credentials_hint()),
         FetchError::TooLarge { size, limit } => format!("{size} bytes, over the limit of {limit}"),
     })
 }
 
+/// Whether `url` names a bucket's objects rather than a local path.
+pub fn is_bucket_url(url: &str) -> bool {
+    url.starts_with("s3://") || url.starts_with("s3a://")
+}
+
 impl Location {
+    /// The location holding the one object `url` names (`s3://bucket/models/m.onnx`, or a file),
+    /// and the object's key there.
+    pub fn open_object(url: &str, max_retries: usize) -> Result<(Self, Path), StoreError> {
+        let bad = |reason: &str| StoreError::BadKey { url: url.to_string(), reason: reason.to_string() };
+        let (parent, name) = url.rsplit_once('/').unwrap_or((".", url));
+        if name.is_empty() || parent.ends_with(':') || parent.ends_with(":/") {
+            return Err(bad("it names a prefix, not an object"));
+        }
+        let location = Self::open(&format!("{parent}/"), false, max_retries)?;
+        let key = location.child(&[name], "").map_err(|e| bad(&e))?;
+        Ok((location, key))
+    }
+
     /// Opens `url`. With `create`, a local folder is created if missing (for outputs);
     /// `max_retries` bounds retries of a failed request to a remote store.
     pub fn open(url: &str, create: bool, max_retries: usize) -> Result<Self, StoreError> {

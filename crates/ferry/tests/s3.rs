@@ -110,11 +110,26 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
 }
 
+/// A prefix no other test run uses, in a bucket the runs share.
+fn unique(tag: &str) -> String {
+    format!("{tag}-{}-{}", std::process::id(), std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos())
+}
+
+/// Every file under `dir` put under `prefix`, at its relative path.
+fn put_dir(store: &dyn ObjectStore, dir: &std::path::Path, prefix: &str) {
+    block_on(async {
+        for name in files(dir) {
+            let bytes = std::fs::read(dir.join(&name)).unwrap();
+            store.put(&Path::parse(format!("{prefix}/{name}")).unwrap(), bytes.into()).await.unwrap();
+        }
+    });
+}
+
 #[test]
 fn transform_reads_and_writes_s3() {
     let s = server();
     let store = s.store();
-    let run = format!("run-{}-{}", std::process::id(), std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos());
+    let run = unique("run");
     block_on(async {
         for f in ["chelsea.jpg", "coffee.png", "astronaut.png", "rocket.jpg"] {
             let bytes = std::fs::read(examples().join(f)).unwrap();
@@ -209,16 +224,11 @@ fn missing_credentials_are_named() {
 fn shards_split_a_job_between_processes() {
     let s = server();
     let store = s.store();
-    let run = format!("shards-{}-{}", std::process::id(), std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos());
+    let run = unique("shards");
     let local = tempfile::tempdir().unwrap();
     make_dataset(local.path(), 36);
     let names = files(local.path());
-    block_on(async {
-        for name in &names {
-            let bytes = std::fs::read(local.path().join(name)).unwrap();
-            store.put(&Path::parse(format!("{run}/in/{name}")).unwrap(), bytes.into()).await.unwrap();
-        }
-    });
+    put_dir(store.as_ref(), local.path(), &format!("{run}/in"));
     let model = mobilenet();
     let input = format!("s3://{}/{run}/in/", s.bucket);
     let args = |output: &str| {
@@ -295,7 +305,7 @@ fn shards_split_a_job_between_processes() {
 fn a_manifest_in_the_bucket_selects_objects() {
     let s = server();
     let store = s.store();
-    let run = format!("manifest-{}-{}", std::process::id(), std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos());
+    let run = unique("manifest");
     let prefix = format!("s3://{}/{run}/images/", s.bucket);
     let manifest = serde_json::json!([{"prefix": prefix}, "a/chelsea.jpg", "rocket.jpg"]).to_string();
     block_on(async {
@@ -354,7 +364,7 @@ fn unusable_endpoint_and_token_are_named_up_front() {
 fn a_large_output_is_uploaded_in_parts() {
     let s = server();
     let store = s.store();
-    let run = format!("big-{}-{}", std::process::id(), std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos());
+    let run = unique("big");
     let img =
         image::RgbImage::from_fn(512, 512, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 7) as u8]));
     let mut png = Vec::new();
@@ -400,15 +410,10 @@ fn a_large_output_is_uploaded_in_parts() {
 fn sketches_are_fitted_written_and_queried_on_s3() {
     let s = server();
     let store = s.store();
-    let run = format!("sk-{}-{}", std::process::id(), std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos());
+    let run = unique("sk");
     let local = tempfile::tempdir().unwrap();
     make_variants(local.path(), 12);
-    block_on(async {
-        for f in files(local.path()) {
-            let bytes = std::fs::read(local.path().join(&f)).unwrap();
-            store.put(&Path::from(format!("{run}/images/{f}")), bytes.into()).await.unwrap();
-        }
-    });
+    put_dir(store.as_ref(), local.path(), &format!("{run}/images"));
     let (input, output, set, small) = (
         format!("s3://{}/{run}/images", s.bucket),
         format!("s3://{}/{run}/out", s.bucket),
@@ -484,7 +489,7 @@ fn credentials_come_from_an_aws_cli_profile() {
     // but the profile's name: keys from the credentials file, region and endpoint from the config.
     let s = server();
     let get = |k: &str| s.env.iter().find(|(n, _)| n == k).unwrap().1.clone();
-    let run = format!("profile-{}-{}", std::process::id(), std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos());
+    let run = unique("profile");
     let store = s.store();
     block_on(async {
         let bytes = std::fs::read(examples().join("chelsea.jpg")).unwrap();
@@ -607,7 +612,7 @@ fn a_model_is_read_from_the_bucket() {
     // As SageMaker keeps it: a model.tar.gz, or the model directory's files under a prefix.
     let s = server();
     let store = s.store();
-    let run = format!("model-{}-{}", std::process::id(), std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos());
+    let run = unique("model");
     let archive = tempfile::tempdir().unwrap();
     let tar = archive.path().join("model.tar.gz");
     let made = Command::new("tar")

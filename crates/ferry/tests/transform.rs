@@ -13,7 +13,16 @@ fn example_job(out: &std::path::Path, extra: &[&str]) -> std::process::Output {
 
 /// A transform of the example photos through `model`.
 fn examples_through(model: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> std::process::Output {
-    let input = examples();
+    job_through(model, &examples(), out, extra)
+}
+
+/// A transform of `input` through `model` into `out`, with `extra` arguments.
+fn job_through(
+    model: &std::path::Path,
+    input: &std::path::Path,
+    out: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Output {
     let mut args = vec!["--model", model.to_str().unwrap(), "--input", input.to_str().unwrap()];
     args.extend(["--output", out.to_str().unwrap()]);
     args.extend_from_slice(extra);
@@ -219,23 +228,8 @@ fn models_with_a_fixed_batch_size_get_exactly_that_many_rows() {
     // call, fewer are padded, and the padding never reaches an output.
     let job = |fixture: &str, backend: &str, out: &std::path::Path| {
         let model = repo().join("tests/fixtures").join(fixture);
-        let input = examples();
-        let o = transform(&[
-            "--model",
-            model.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--backend",
-            backend,
-            "--threads",
-            "1",
-            "--max-batch-size",
-            "2",
-            "--batch-wait-ms",
-            "2000",
-        ]);
+        let calls = ["--threads", "1", "--max-batch-size", "2", "--batch-wait-ms", "2000"];
+        let o = examples_through(&model, out, &[&["--backend", backend], &calls[..]].concat());
         assert!(o.status.success(), "{fixture} on {backend}: {}", stderr(&o));
         json(&out.join("_ferry/report.json"))
     };
@@ -396,18 +390,7 @@ fn gzipped_inputs_are_decompressed_within_the_payload_limit() {
     std::fs::write(input.join("bomb.jpg.gz"), gz(&vec![0; 8 << 20])).unwrap();
     std::fs::copy(examples().join("rocket.jpg"), input.join("plain.jpg")).unwrap();
     let (zipped, plain) = (dir.path().join("zipped"), dir.path().join("plain"));
-    let o = transform(&[
-        "--model",
-        mobilenet().to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        zipped.to_str().unwrap(),
-        "--compression",
-        "Gzip",
-        "--max-payload-mb",
-        "2",
-    ]);
+    let o = job_through(&mobilenet(), &input, &zipped, &["--compression", "Gzip", "--max-payload-mb", "2"]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("4 objects (2 written, 2 failed"), "{err}");
@@ -434,14 +417,7 @@ fn a_bare_greyscale_model_gets_pillows_luma() {
     std::fs::write(&config, format!("{toml}channels = \"gray\"\n")).unwrap();
     let names = pillow_variants(dir.path(), &config);
     let (images, out) = (dir.path().join("images"), dir.path().join("out"));
-    let o = transform(&[
-        "--model",
-        model.to_str().unwrap(),
-        "--input",
-        images.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let o = job_through(&model, &images, &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     for name in names {
         let ours = levels(&out.join(format!("{name}.out")));
@@ -664,16 +640,7 @@ fn a_model_that_does_not_load_is_one_clear_message() {
     std::fs::write(dir.path().join("model.onnx"), b"this is not a protobuf").unwrap();
     let out = tempfile::tempdir().unwrap();
     for backend in ["ort", "tract"] {
-        let o = transform(&[
-            "--model",
-            dir.path().to_str().unwrap(),
-            "--input",
-            examples().to_str().unwrap(),
-            "--output",
-            out.path().to_str().unwrap(),
-            "--backend",
-            backend,
-        ]);
+        let o = examples_through(dir.path(), out.path(), &["--backend", backend]);
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(2), "{err}");
         assert!(err.contains("model.onnx") && err.contains("could not be loaded"), "{err}");
@@ -687,14 +654,7 @@ fn preprocessing_that_does_not_fit_the_model_is_refused_up_front() {
     std::fs::copy(mobilenet().join("model.onnx"), dir.path().join("model.onnx")).unwrap();
     std::fs::write(dir.path().join("ferry.toml"), "[input]\nresize = 160\ncrop = [128, 128]\n").unwrap();
     let out = tempfile::tempdir().unwrap();
-    let o = transform(&[
-        "--model",
-        dir.path().to_str().unwrap(),
-        "--input",
-        examples().to_str().unwrap(),
-        "--output",
-        out.path().to_str().unwrap(),
-    ]);
+    let o = examples_through(dir.path(), out.path(), &[]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("128x128") && err.contains("224x224"), "{err}");
