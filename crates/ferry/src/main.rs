@@ -183,8 +183,9 @@ struct TransformArgs {
     /// labels.txt.
     #[arg(long, env = "FERRY_MODEL")]
     model: String,
-    /// Where the inputs are: a folder, file://PATH, or s3://bucket/prefix (S3 settings come from
-    /// the AWS_* variables; AWS_ENDPOINT_URL for S3-compatible stores).
+    /// Where the inputs are: a folder, file://PATH, one file, or s3://bucket/prefix (S3 settings
+    /// come from the AWS_* variables; AWS_ENDPOINT_URL for S3-compatible stores). A bucket prefix
+    /// that is not a folder selects every key that begins with it, as S3Prefix does in SageMaker.
     #[arg(long, env = "FERRY_INPUT")]
     input: String,
     /// Where the outputs go, same forms. <output>/<key relative to input>.out per input object.

@@ -291,6 +291,21 @@ pub async fn read_object(url: &str, max_retries: usize, limit: u64) -> Result<By
     })
 }
 
+/// The folder and name of the local file `url` names, for a job whose input is one file; `None`
+/// for a folder, a bucket, or a path that does not exist.
+pub fn local_file(url: &str) -> Option<(String, String)> {
+    if url.contains("://") && !url.starts_with("file://") {
+        return None;
+    }
+    let path = std::path::Path::new(url.strip_prefix("file://").unwrap_or(url));
+    if !path.is_file() {
+        return None;
+    }
+    let name = path.file_name()?.to_str()?.to_string();
+    let folder = path.parent().map(|p| p.to_string_lossy().into_owned()).filter(|p| !p.is_empty());
+    Some((folder.unwrap_or_else(|| ".".into()), name))
+}
+
 /// Whether `url` names a bucket's objects rather than a local path.
 pub fn is_bucket_url(url: &str) -> bool {
     url.starts_with("s3://") || url.starts_with("s3a://")
@@ -448,13 +463,43 @@ impl Location {
     async fn list_every_key(
         &self,
     ) -> Result<(Vec<object_store::ObjectMeta>, Vec<(String, String)>), object_store::Error> {
-        let lister = self.bucket.as_ref().expect("a bucket");
         let prefix = match self.prefix.as_ref() {
             "" => String::new(),
             p => format!("{p}/"),
         };
+        self.list_raw(&prefix).await
+    }
+
+    /// S3's own reading of a prefix, which SageMaker's `S3Prefix` follows, for a bucket prefix
+    /// that names no folder: `s3://b/images/ca` selects `images/cat.jpg` and `images/cars/1.jpg`,
+    /// and one object's key selects that object. Returns the location of the prefix's folder
+    /// part, which the keys are relative to, every key that begins with the prefix, and those a
+    /// `Path` cannot name as `(key, reason)`. `None` for a local folder or a URL ending in `/`.
+    pub async fn list_key_name_prefix(
+        &self,
+    ) -> Result<Option<(Location, Vec<Path>, Vec<(String, String)>)>, object_store::Error> {
+        if self.bucket.is_none() || self.url.ends_with('/') || self.prefix.as_ref().is_empty() {
+            return Ok(None);
+        }
+        let prefix = self.prefix.as_ref();
+        let dir = prefix.rsplit_once('/').map_or("", |(dir, _)| dir);
+        let folder = Location {
+            prefix: Path::parse(dir).expect("the folder part of a valid prefix is valid"),
+            url: self.url[..=self.url.rfind('/').expect("s3://bucket/prefix")].to_string(),
+            ..self.clone()
+        };
+        let (metas, unnamed) = self.list_raw(prefix).await?;
+        Ok(Some((folder, metas.into_iter().map(|m| m.location).collect(), unnamed)))
+    }
+
+    /// Every key of a bucket that begins with `prefix`, a string rather than a `Path`.
+    async fn list_raw(
+        &self,
+        prefix: &str,
+    ) -> Result<(Vec<object_store::ObjectMeta>, Vec<(String, String)>), object_store::Error> {
+        let lister = self.bucket.as_ref().expect("a bucket");
         let listed =
-            lister.list(&prefix).await.map_err(|e| object_store::Error::Generic { store: "S3", source: e.into() })?;
+            lister.list(prefix).await.map_err(|e| object_store::Error::Generic { store: "S3", source: e.into() })?;
         let (mut metas, mut unnamed) = (Vec::new(), Vec::new());
         for (key, size) in listed {
             // A folder marker's key ends in `/`; parsing drops the slash, as object_store's listing does.
@@ -480,12 +525,6 @@ impl Location {
             }
         }
         Ok((metas, unnamed))
-    }
-
-    /// Whether the prefix itself names an object of a store (`s3://bucket/images/cat.jpg`), which
-    /// a listing of the prefix does not show.
-    pub async fn is_object(&self) -> bool {
-        self.local.is_none() && !self.prefix.as_ref().is_empty() && self.store.head(&self.prefix).await.is_ok()
     }
 
     /// Whether this is a local folder.

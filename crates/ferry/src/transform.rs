@@ -759,8 +759,24 @@ async fn list(location: &Location) -> Result<(Vec<Path>, Vec<Failure>), JobError
         source,
         hint: location.credentials_hint(),
     })?;
-    let unlisted = unlisted.into_iter().map(|(object, reason)| Failure { object, record: None, reason }).collect();
-    Ok((keys, unlisted))
+    Ok((keys, unlisted_failures(unlisted)))
+}
+
+fn unlisted_failures(unlisted: Vec<(String, String)>) -> Vec<Failure> {
+    unlisted.into_iter().map(|(object, reason)| Failure { object, record: None, reason }).collect()
+}
+
+/// The inputs of a bucket prefix that names no folder, read as S3 and SageMaker read it: every key
+/// that begins with it, relative to its folder part. `None` when that finds nothing either.
+async fn by_key_name_prefix(input: &Location) -> Result<Option<(Location, (Vec<Path>, Vec<Failure>))>, JobError> {
+    let listed = input.list_key_name_prefix().await.map_err(|source| JobError::List {
+        url: input.url.clone(),
+        source,
+        hint: input.credentials_hint(),
+    })?;
+    Ok(listed
+        .filter(|(_, keys, unlisted)| !keys.is_empty() || !unlisted.is_empty())
+        .map(|(folder, keys, unlisted)| (folder, (keys, unlisted_failures(unlisted)))))
 }
 
 /// The largest manifest read: a million keys of a hundred characters.
@@ -828,9 +844,14 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
     };
     let listing = async {
         let t = Instant::now();
-        let (input, named) = match cfg.manifest {
-            false => (Location::open(&cfg.input, false, cfg.max_retries)?, None),
-            true => {
+        let (input, named) = match (cfg.manifest, crate::store::local_file(&cfg.input)) {
+            (false, None) => (Location::open(&cfg.input, false, cfg.max_retries)?, None),
+            (false, Some((folder, name))) => {
+                let input = Location::open(&folder, false, cfg.max_retries)?;
+                let key = input.child(&[name], "").map_err(|e| JobError::Config(format!("{}: {e}", cfg.input)))?;
+                (input, Some((vec![key], Vec::new())))
+            }
+            (true, _) => {
                 let (input, keys) = from_manifest(&cfg.input, cfg.max_retries).await?;
                 (input, Some(keys))
             }
@@ -840,9 +861,17 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
             Some(url) => Some(Location::open(url, true, cfg.max_retries)?.with_fsync(cfg.fsync)),
             None => None,
         };
-        let (done, objects) = match named {
-            None => tokio::try_join!(list(&output), list(&input))?,
-            Some(keys) => (list(&output).await?, keys),
+        let (input, done, objects) = match named {
+            None => match tokio::try_join!(list(&output), list(&input))? {
+                (done, (keys, unlisted)) if keys.is_empty() && unlisted.is_empty() => {
+                    match by_key_name_prefix(&input).await? {
+                        Some((folder, objects)) => (folder, done, objects),
+                        None => (input, done, (keys, unlisted)),
+                    }
+                }
+                (done, objects) => (input, done, objects),
+            },
+            Some(keys) => (input, list(&output).await?, keys),
         };
         Ok::<_, JobError>((input, output, sketches, done, objects, t.elapsed().as_secs_f64()))
     };
@@ -856,8 +885,8 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
 
     let done: HashSet<Path> = done.into_iter().filter(|p| p.as_ref().ends_with(".out")).collect();
     objects.sort();
-    let exclude = nested_output(&cfg.input, &cfg.output);
-    let exclude_sketches = cfg.sketch.as_deref().and_then(|s| nested_output(&cfg.input, s));
+    let exclude = nested_output(&input.url, &cfg.output);
+    let exclude_sketches = cfg.sketch.as_deref().and_then(|s| nested_output(&input.url, s));
 
     let mine = |relative: &str| cfg.shard.is_none_or(|s| s.owns(relative));
     let mut inputs_listed = !unnamed.is_empty();
@@ -882,10 +911,7 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
         }
     }
     if !inputs_listed {
-        return Err(JobError::Config(match input.is_object().await {
-            true => format!("{} is an object, not a prefix: give the prefix that holds it", input.url),
-            false => format!("no objects under {}", input.url),
-        }));
+        return Err(JobError::Config(format!("no objects under {}", input.url)));
     }
     let rejected = failures.len();
     if skipped > 0 {

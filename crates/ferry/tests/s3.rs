@@ -173,15 +173,76 @@ fn transform_reads_and_writes_s3() {
     assert!(o.status.success());
     assert!(stderr(&o).contains("5 already done"), "{}", stderr(&o));
 
-    // A prefix that names one object, or nothing at all, is a mistake to say, not an empty job.
-    let object = format!("s3://{}/{run}/images été/chelsea.jpg", s.bucket);
-    let nothing = format!("s3://{}/{run}/imagse/", s.bucket);
-    for (prefix, says) in
-        [(&object, format!("{object} is an object, not a prefix")), (&nothing, format!("no objects under {nothing}"))]
-    {
-        let o = s.transform(&["--model", model.to_str().unwrap(), "--input", prefix, "--output", &output]);
+    // A prefix that names nothing, as a folder or as the start of a key, is a mistake to say, not
+    // an empty job.
+    for nothing in [format!("s3://{}/{run}/imagse/", s.bucket), format!("s3://{}/{run}/imagse", s.bucket)] {
+        let o = s.transform(&["--model", model.to_str().unwrap(), "--input", &nothing, "--output", &output]);
         assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-        assert!(stderr(&o).contains(&says), "{}", stderr(&o));
+        assert!(stderr(&o).contains(&format!("no objects under {nothing}")), "{}", stderr(&o));
+    }
+}
+
+/// A prefix that is not a folder selects what S3 and SageMaker's `S3Prefix` select: every key that
+/// begins with it (one object's key selects that object), with outputs relative to its folder part.
+#[test]
+fn a_key_name_prefix_selects_the_keys_that_begin_with_it() {
+    let s = server();
+    let store = s.store();
+    let run = unique("key-prefix");
+    let data = tempfile::tempdir().unwrap();
+    for (name, from) in [
+        ("chelsea.jpg", "chelsea.jpg"),
+        ("coffee.png", "coffee.png"),
+        ("cups/c.png", "coffee.png"),
+        ("rocket.jpg", "rocket.jpg"),
+    ] {
+        let to = data.path().join("in").join(name);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(examples().join(from), to).unwrap();
+    }
+    std::fs::create_dir(data.path().join("in-2")).unwrap();
+    std::fs::copy(examples().join("astronaut.png"), data.path().join("in-2/astronaut.png")).unwrap();
+    put_dir(store.as_ref(), data.path(), &run);
+    let model = mobilenet();
+    let job = |input: String, out: &std::path::Path| {
+        let out = out.to_str().unwrap();
+        s.transform(&["--model", model.to_str().unwrap(), "--input", &input, "--output", out, "--top-k", "2"])
+    };
+    let whole = tempfile::tempdir().unwrap();
+    assert!(job(format!("s3://{}/{run}/", s.bucket), whole.path()).status.success());
+
+    // (prefix, where its outputs are in the job over everything, outputs); a prefix that names a
+    // folder is that folder, as before.
+    let all_of_in = vec!["chelsea.jpg.out", "coffee.png.out", "cups/c.png.out", "rocket.jpg.out"];
+    let everything = ["in-2/astronaut.png.out", "in/chelsea.jpg.out", "in/coffee.png.out"];
+    let everything = [&everything[..], &["in/cups/c.png.out", "in/rocket.jpg.out"]].concat();
+    for (prefix, folder, outputs) in [
+        ("in/c", "in", vec!["chelsea.jpg.out", "coffee.png.out", "cups/c.png.out"]),
+        ("in/rocket.jpg", "in", vec!["rocket.jpg.out"]),
+        ("in", "in", all_of_in),
+        ("i", "", everything),
+    ] {
+        let out = tempfile::tempdir().unwrap();
+        let o = job(format!("s3://{}/{run}/{prefix}", s.bucket), out.path());
+        assert!(o.status.success(), "{prefix}: {}", stderr(&o));
+        let mut written = files(out.path());
+        written.retain(|f| f.ends_with(".out"));
+        assert_eq!(written, outputs, "{prefix}");
+        // The same bytes as the job over everything, at the same key below the folder part.
+        for f in &written {
+            let same = std::fs::read(whole.path().join(folder).join(f)).unwrap();
+            assert_eq!(std::fs::read(out.path().join(f)).unwrap(), same, "{prefix}: {f}");
+        }
+        let o = job(format!("s3://{}/{run}/{prefix}", s.bucket), out.path());
+        let n = outputs.len();
+        assert!(stderr(&o).contains(&format!("{n} objects (0 written, 0 failed, {n} already done)")), "{}", stderr(&o));
+    }
+
+    // Outputs whose keys begin with the prefix too are not inputs of the rerun.
+    let (input, output) = (format!("s3://{}/{run}/in/c", s.bucket), format!("s3://{}/{run}/in/c-out/", s.bucket));
+    for says in ["3 objects (3 written, 0 failed, 0 already done)", "3 objects (0 written, 0 failed, 3 already done)"] {
+        let o = s.transform(&["--model", model.to_str().unwrap(), "--input", &input, "--output", &output]);
+        assert!(o.status.success() && stderr(&o).contains(says), "{}", stderr(&o));
     }
 }
 

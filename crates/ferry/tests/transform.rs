@@ -698,6 +698,19 @@ fn an_unreachable_store_is_one_clear_message() {
 }
 
 #[test]
+fn one_file_is_a_job_of_one_object() {
+    let (whole, one) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    assert!(example_job(whole.path(), &["--top-k", "3"]).status.success());
+    let o = job_through(&mobilenet(), &examples().join("coffee.png"), one.path(), &["--top-k", "3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(files(one.path()), ["_ferry/report.json", "coffee.png.out"]);
+    let read = |dir: &std::path::Path| std::fs::read(dir.join("coffee.png.out")).unwrap();
+    assert_eq!(read(one.path()), read(whole.path()));
+    let o = job_through(&mobilenet(), &examples().join("coffee.png"), one.path(), &["--top-k", "3"]);
+    assert!(stderr(&o).contains("1 objects (0 written, 0 failed, 1 already done)"), "{}", stderr(&o));
+}
+
+#[test]
 fn an_input_folder_without_objects_is_an_error() {
     // A mistyped or not yet filled prefix: saying so beats a job that succeeds having done nothing.
     let (input, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
