@@ -373,6 +373,18 @@ fn unreadable(bytes: &[u8]) -> String {
     if text.contains("<svg") {
         return "an SVG image, which is drawn, not decoded".into();
     }
+    // Text (a JSON record, a CSV row, an earlier job's `.out`): its first characters say more
+    // than its bytes.
+    let head = &bytes[..bytes.len().min(64)];
+    let text = match std::str::from_utf8(head) {
+        Ok(t) => Some(t),
+        Err(e) if e.error_len().is_none() => std::str::from_utf8(&head[..e.valid_up_to()]).ok(),
+        Err(_) => None,
+    };
+    if let Some(t) = text.filter(|t| !t.trim().is_empty() && t.chars().all(|c| !c.is_control() || c.is_whitespace())) {
+        let start: String = t.chars().take(24).collect();
+        return format!("text starting {start:?}");
+    }
     let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
     format!("starts with bytes {}", head.join(" "))
 }
@@ -733,8 +745,13 @@ mod tests {
         let mut d = ImageDecoder::new(plan());
         let mut out = Vec::new();
         assert_eq!(d.decode(b"", &mut out), Err(ImageError::Empty));
-        let err = d.decode(b"hello world", &mut out).unwrap_err().to_string();
-        assert!(err.ends_with("image (starts with bytes 68 65 6c 6c 6f 20 77 6f)"), "{err}");
+        let err = d.decode(b"\0\0\0\x01Bud1\0\0", &mut out).unwrap_err().to_string();
+        assert!(err.ends_with("image (starts with bytes 00 00 00 01 42 75 64 31)"), "{err}");
+        let err = d.decode(b"{\"predictions\": [[0.25, 0.75]]}\n", &mut out).unwrap_err().to_string();
+        assert!(err.ends_with("image (text starting \"{\\\"predictions\\\": [[0.25, \")"), "{err}");
+        // Cut inside a character, 64 bytes in.
+        let err = d.decode("é".repeat(40).as_bytes(), &mut out).unwrap_err().to_string();
+        assert!(err.ends_with(&format!("image (text starting \"{}\")", "é".repeat(24))), "{err}");
         // An iPhone photo's first box, and an AVIF's.
         let heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic\0\0\0\x08meta";
         let err = d.decode(heic, &mut out).unwrap_err().to_string();
