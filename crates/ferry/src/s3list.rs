@@ -5,12 +5,14 @@
 //! so a single oddly named object would stop a whole job. When that happens the prefix is listed
 //! again here, with ListObjectsV2 requests signed by object_store's own authorizer and
 //! credentials, so that those keys can be reported as failed objects and the others run. The
-//! response parser ([`parse_page`]) does no I/O.
+//! response parser ([`parse_page`]) does no I/O. A prefix that is not a folder is listed through
+//! the store's own paginated listing, which takes a prefix as a string.
 
 use std::sync::Arc;
 
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey as Key, AwsAuthorizer};
 use object_store::client::{HttpClient, HttpConnector, HttpRequestBody, ReqwestConnector};
+use object_store::list::{PaginatedListOptions, PaginatedListStore};
 use object_store::ClientOptions;
 use serde::Deserialize;
 
@@ -42,6 +44,23 @@ impl Lister {
         let options = ClientOptions::new().with_allow_http(allow_http);
         let sign = get(Key::SkipSignature).is_none_or(|v| v != "true");
         Self { options, bucket_url, region, store, sign }
+    }
+
+    /// Every object whose key begins with `prefix`, a string rather than a folder, through the
+    /// store's own paginated listing (its signing and retries); an object whose key a `Path`
+    /// cannot name fails it with [`object_store::Error::InvalidPath`], as the store's own
+    /// listing does.
+    pub(crate) async fn list_paginated(&self, prefix: &str) -> object_store::Result<Vec<object_store::ObjectMeta>> {
+        let (mut all, mut token) = (Vec::new(), None);
+        loop {
+            let opts = PaginatedListOptions { page_token: token.take(), ..Default::default() };
+            let page = self.store.list_paginated(Some(prefix), opts).await?;
+            all.extend(page.result.objects);
+            match page.page_token {
+                Some(t) => token = Some(t),
+                None => return Ok(all),
+            }
+        }
     }
 
     /// Every key under `prefix` with its size, in the store's order.

@@ -432,30 +432,33 @@ impl Location {
                 }
                 Err(e) => return Err(e),
             };
-            // The consoles' "create folder" leaves a zero-byte object whose key ends in `/`,
-            // listed without the slash (a `Path` has none), so reading it by that name finds
-            // nothing. A zero-byte entry that a HEAD does not find is such a marker, not an input;
-            // a real empty object is kept, and fails as one.
-            let markers: HashSet<Path> = futures::stream::iter(metas.iter().filter(|m| m.size == 0))
-                .map(|m| async move {
-                    match self.store.head(&m.location).await {
-                        Err(object_store::Error::NotFound { .. }) => Some(m.location.clone()),
-                        _ => None,
-                    }
-                })
-                .buffer_unordered(16)
-                .filter_map(std::future::ready)
-                .collect()
-                .await;
-            if !markers.is_empty() {
-                tracing::info!(count = markers.len(), url = %self.url, "skipping folder markers (keys ending in /)");
-            }
-            let keys = metas.into_iter().map(|m| m.location).filter(|k| !markers.contains(k)).collect();
-            return Ok((keys, unnamed));
+            return Ok((self.without_markers(metas).await, unnamed));
         };
         // A folder's store is rooted at the folder, so its keys are paths relative to it.
         let root = local.root.clone();
         Ok(tokio::task::spawn_blocking(move || walk(&root)).await.expect("listing a folder panicked"))
+    }
+
+    /// The keys of `metas` less folder markers. The consoles' "create folder" leaves a zero-byte
+    /// object whose key ends in `/`, listed without the slash (a `Path` has none), so reading it by
+    /// that name finds nothing. A zero-byte entry that a HEAD does not find is such a marker, not
+    /// an input; a real empty object is kept, and fails as one.
+    async fn without_markers(&self, metas: Vec<object_store::ObjectMeta>) -> Vec<Path> {
+        let markers: HashSet<Path> = futures::stream::iter(metas.iter().filter(|m| m.size == 0))
+            .map(|m| async move {
+                match self.store.head(&m.location).await {
+                    Err(object_store::Error::NotFound { .. }) => Some(m.location.clone()),
+                    _ => None,
+                }
+            })
+            .buffer_unordered(16)
+            .filter_map(std::future::ready)
+            .collect()
+            .await;
+        if !markers.is_empty() {
+            tracing::info!(count = markers.len(), url = %self.url, "skipping folder markers (keys ending in /)");
+        }
+        metas.into_iter().map(|m| m.location).filter(|k| !markers.contains(k)).collect()
     }
 
     /// Every object under a bucket's prefix, through [`crate::s3list`]: those a `Path` can name,
@@ -488,8 +491,13 @@ impl Location {
             url: self.url[..=self.url.rfind('/').expect("s3://bucket/prefix")].to_string(),
             ..self.clone()
         };
-        let (metas, unnamed) = self.list_raw(prefix).await?;
-        Ok(Some((folder, metas.into_iter().map(|m| m.location).collect(), unnamed)))
+        let lister = self.bucket.as_ref().expect("a bucket");
+        let (metas, unnamed) = match lister.list_paginated(prefix).await {
+            Ok(metas) => (metas, Vec::new()),
+            Err(object_store::Error::InvalidPath { .. }) => self.list_raw(prefix).await?,
+            Err(e) => return Err(e),
+        };
+        Ok(Some((folder, self.without_markers(metas).await, unnamed)))
     }
 
     /// Every key of a bucket that begins with `prefix`, a string rather than a `Path`.

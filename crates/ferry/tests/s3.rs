@@ -607,7 +607,14 @@ fn credentials_come_from_an_aws_cli_profile() {
 
 /// A bucket served by `tests/s3_moto.py` (moto's S3 server) in `mode`, and the job's output
 /// over `s3://<bucket>/in/` into a local folder through `model`.
-fn moto_job(mode: &[&str], bucket: &str, model: &std::path::Path, out: &std::path::Path) -> std::process::Output {
+/// A job over `s3://<bucket>/<prefix>` of a bucket `tests/s3_moto.py <mode>` fills.
+fn moto_job(
+    mode: &[&str],
+    bucket: &str,
+    prefix: &str,
+    model: &std::path::Path,
+    out: &std::path::Path,
+) -> std::process::Output {
     use std::io::BufRead;
     let mut served = Command::new("python3")
         .arg(repo().join("tests/s3_moto.py"))
@@ -621,7 +628,7 @@ fn moto_job(mode: &[&str], bucket: &str, model: &std::path::Path, out: &std::pat
     std::io::BufReader::new(served.stdout.take().unwrap()).read_line(&mut endpoint).unwrap();
     assert!(endpoint.starts_with("http://"), "tests/s3_moto.py printed {endpoint:?} (pip install moto[server])");
     let _server = KillOnDrop(served);
-    let input = format!("s3://{bucket}/in/");
+    let input = format!("s3://{bucket}/{prefix}");
     ferry()
         .args(["transform", "--model", model.to_str().unwrap(), "--input", &input])
         .args(["--output", out.to_str().unwrap()])
@@ -638,7 +645,7 @@ fn folder_markers_are_not_inputs() {
     // An S3 console's "create folder" leaves a zero-byte object whose key ends in "/". s3s-fs keeps
     // objects as files and cannot hold such keys, so this bucket is served by moto's S3 server.
     let out = tempfile::tempdir().unwrap();
-    let o = moto_job(&["markers"], "markers", &mobilenet(), out.path());
+    let o = moto_job(&["markers"], "markers", "in/", &mobilenet(), out.path());
     let err = stderr(&o);
     // The two markers are not objects; the real empty object fails as one.
     assert_eq!(o.status.code(), Some(1), "{err}");
@@ -653,7 +660,7 @@ fn keys_the_store_library_cannot_name_fail_alone() {
     // were on, and with it the whole job. Over 1,000 objects, so the listing has pages.
     let out = tempfile::tempdir().unwrap();
     let model = repo().join("tests/fixtures/typed_outputs");
-    let o = moto_job(&["odd-keys", "1001"], "oddkeys", &model, out.path());
+    let o = moto_job(&["odd-keys", "1001"], "oddkeys", "in/", &model, out.path());
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("1004 objects (1002 written, 2 failed"), "{err}");
@@ -666,6 +673,23 @@ fn keys_the_store_library_cannot_name_fail_alone() {
     let failed: Vec<&str> =
         report["failures"].as_array().unwrap().iter().map(|f| f["object"].as_str().unwrap()).collect();
     assert_eq!(failed, ["in//x.jpg", "in/t\tab.jpg"], "the report keeps the keys as they are");
+}
+
+#[test]
+fn a_key_name_prefix_skips_markers_and_names_keys_the_store_library_cannot() {
+    // `in/s` begins the marker `in/sub/` and `in/sub/cat.jpg`.
+    let out = tempfile::tempdir().unwrap();
+    let o = moto_job(&["markers"], "markers", "in/s", &mobilenet(), out.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(files(out.path()), ["_ferry/report.json", "sub/cat.jpg.out"]);
+    // `in/t` begins only `in/t<TAB>ab.jpg`, which fails the store's own listing.
+    let out = tempfile::tempdir().unwrap();
+    let model = repo().join("tests/fixtures/typed_outputs");
+    let o = moto_job(&["odd-keys", "3"], "oddkeys", "in/t", &model, out.path());
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("1 objects (0 written, 1 failed"), "{err}");
+    assert!(err.contains("failed: in/t\\tab.jpg: its key has a control character (\\t)"), "{err}");
 }
 
 #[test]
