@@ -211,6 +211,27 @@ fn sketches_answer_similarity_and_counts_without_the_model() {
         .unwrap();
     assert!(py.status.success(), "pyarrow: {}", String::from_utf8_lossy(&py.stderr));
 
+    // DuckDB's and Polars' own Parquet readers (neither is pyarrow) read the parts as they are,
+    // and DuckDB's cosine over the vectors ranks neighbours as `ferry sketch similar` does.
+    let script = "import duckdb, polars as pl, sys\n\
+         parts = sys.argv[1] + '/*.parquet'\n\
+         df = pl.read_parquet(parts)\n\
+         assert df.columns == ['key', 'record', 'sketch', 'seed', 'd'], df.columns\n\
+         assert df.height == df['key'].n_unique() == int(sys.argv[2]), df.height\n\
+         assert df['sketch'].list.len().min() == df['sketch'].list.len().max() == 1024\n\
+         q = \"select b.key from read_parquet(?) a, read_parquet(?) b where a.key = ? and b.key <> a.key \\\n\
+         \x20    order by list_cosine_similarity(a.sketch, b.sketch) desc limit 5\"\n\
+         for (k,) in duckdb.execute(q, [parts, parts, sys.argv[3]]).fetchall():\n\
+         \x20   print(k)";
+    let py = Command::new("python3")
+        .args(["-c", script, set.to_str().unwrap(), &(4 * PER_SOURCE).to_string(), "coffee/coffee_010.jpg"])
+        .output()
+        .unwrap();
+    assert!(py.status.success(), "duckdb, polars: {}", String::from_utf8_lossy(&py.stderr));
+    let theirs: Vec<String> = String::from_utf8(py.stdout).unwrap().lines().map(str::to_string).collect();
+    let ours: Vec<String> = similar(&set, "coffee/coffee_010.jpg", 5).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(theirs, ours, "DuckDB's nearest sketches");
+
     // A set rewritten by another writer (pyarrow's default snappy, zstd as Polars writes, gzip, lz4;
     // small row groups, dictionary pages; and a projection that reorders the columns, drops seed
     // and d and narrows the record index) answers the same questions.
