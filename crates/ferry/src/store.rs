@@ -286,7 +286,7 @@ fn header_safe(from: &str, value: &str) -> Result<(), StoreError> {
 pub async fn read_object(url: &str, max_retries: usize, limit: u64) -> Result<Bytes, String> {
     let (location, key) = Location::open_object(url, max_retries).map_err(|e| e.to_string())?;
     get_bytes_within(location.store.as_ref(), &key, limit).await.map_err(|e| match e {
-        FetchError::Read(reason) => format!("{reason}{}", location.credentials_hint()),
+        FetchError::Read(reason) => format!("{reason}{}", location.hint(&reason)),
         FetchError::TooLarge { size, limit } => format!("{size} bytes, over the limit of {limit}"),
     })
 }
@@ -540,10 +540,20 @@ impl Location {
         self.local.is_some()
     }
 
+    /// What to add to `error`, an error from this store: what an S3 error code in it means, and
+    /// that no credentials are set ([`Location::credentials_hint`]). Empty for a folder.
+    pub fn hint(&self, error: &str) -> String {
+        if self.is_local() {
+            return String::new();
+        }
+        let meaning = s3_error_code(error).and_then(|code| explain_s3_error(code, self));
+        format!("{}{}", meaning.map(|m| format!(" ({m})")).unwrap_or_default(), self.credentials_hint())
+    }
+
     /// What to add to an error from this store when the environment holds no credentials: the
     /// AWS client then asks the instance metadata service, and its error names that, not the
     /// missing variables. Empty otherwise.
-    pub fn credentials_hint(&self) -> &'static str {
+    fn credentials_hint(&self) -> &'static str {
         const SOURCES: [&str; 5] = [
             "AWS_ACCESS_KEY_ID",
             "AWS_WEB_IDENTITY_TOKEN_FILE",
@@ -591,6 +601,34 @@ impl Location {
         }
         Path::parse(&key).map_err(|e| format!("{key:?} is not allowed as an output key: {e}"))
     }
+}
+
+/// The `<Code>` of an S3 error response quoted in `error`.
+fn s3_error_code(error: &str) -> Option<&str> {
+    let (_, rest) = error.split_once("<Code>")?;
+    rest.split_once("</Code>").map(|(code, _)| code.trim())
+}
+
+/// What the S3 error codes users meet most mean for a job, in the words of the settings to check.
+fn explain_s3_error(code: &str, location: &Location) -> Option<String> {
+    let bucket = location.url.split_once("://").map_or("", |(_, rest)| rest.split('/').next().unwrap_or(""));
+    Some(match code {
+        "NoSuchBucket" => format!("bucket {bucket:?} does not exist at this endpoint"),
+        "AccessDenied" | "AllAccessDisabled" => {
+            "these credentials are not allowed this request on this bucket or prefix".into()
+        }
+        "InvalidAccessKeyId" => "the store does not know this access key id (AWS_ACCESS_KEY_ID)".into(),
+        "SignatureDoesNotMatch" => {
+            "the secret key does not belong to the access key id: check AWS_SECRET_ACCESS_KEY".into()
+        }
+        "ExpiredToken" | "TokenRefreshRequired" => "the session token has expired: get new credentials".into(),
+        "InvalidToken" => "the session token (AWS_SESSION_TOKEN) is not valid".into(),
+        "PermanentRedirect" | "AuthorizationHeaderMalformed" | "IllegalLocationConstraintException" => {
+            format!("bucket {bucket:?} is in another region than AWS_REGION says")
+        }
+        "RequestTimeTooSkewed" => "this machine's clock is too far from the store's".into(),
+        _ => return None,
+    })
 }
 
 fn walk(root: &std::path::Path) -> (Vec<Path>, Vec<(String, String)>) {
@@ -665,6 +703,23 @@ mod tests {
             local: None,
             bucket: None,
         }
+    }
+
+    #[test]
+    fn s3_error_codes_are_explained() {
+        let bucket = Location::open("s3://photos-2026/in/", false, 0).unwrap();
+        let said = |body: &str| bucket.hint(&format!("Error performing GET: 404 Not Found: {body}"));
+        let missing = "<?xml version=\"1.0\"?><Error><Code>NoSuchBucket</Code><Message>gone</Message></Error>";
+        assert!(
+            said(missing).starts_with(" (bucket \"photos-2026\" does not exist at this endpoint)"),
+            "{}",
+            said(missing)
+        );
+        assert!(said("<Error><Code>SignatureDoesNotMatch</Code></Error>").contains("check AWS_SECRET_ACCESS_KEY"));
+        assert!(said("<Error><Code>PermanentRedirect</Code></Error>").contains("another region than AWS_REGION"));
+        assert_eq!(said("<Error><Code>SlowDown</Code></Error>"), bucket.credentials_hint(), "other codes");
+        let folder = Location::open(std::env::temp_dir().to_str().unwrap(), false, 0).unwrap();
+        assert_eq!(folder.hint("<Code>NoSuchBucket</Code>"), "", "a folder has no buckets");
     }
 
     #[test]

@@ -230,8 +230,8 @@ pub enum JobError {
         url: String,
         /// The store's error.
         source: object_store::Error,
-        /// What may be missing ([`Location::credentials_hint`]).
-        hint: &'static str,
+        /// What the error means or what may be missing ([`Location::hint`]).
+        hint: String,
     },
     /// A configuration value out of range.
     #[error("{0}")]
@@ -756,8 +756,8 @@ fn load_profile(cfg: &JobConfig, dir: &ModelDir) -> Result<SketchProfile, JobErr
 async fn list(location: &Location) -> Result<(Vec<Path>, Vec<Failure>), JobError> {
     let (keys, unlisted) = location.list_keys().await.map_err(|source| JobError::List {
         url: location.url.clone(),
+        hint: location.hint(&source.to_string()),
         source,
-        hint: location.credentials_hint(),
     })?;
     Ok((keys, unlisted_failures(unlisted)))
 }
@@ -771,8 +771,8 @@ fn unlisted_failures(unlisted: Vec<(String, String)>) -> Vec<Failure> {
 async fn by_key_name_prefix(input: &Location) -> Result<Option<(Location, (Vec<Path>, Vec<Failure>))>, JobError> {
     let listed = input.list_key_name_prefix().await.map_err(|source| JobError::List {
         url: input.url.clone(),
+        hint: input.hint(&source.to_string()),
         source,
-        hint: input.credentials_hint(),
     })?;
     Ok(listed
         .filter(|(_, keys, unlisted)| !keys.is_empty() || !unlisted.is_empty())

@@ -278,6 +278,33 @@ fn missing_credentials_are_named() {
     assert!(err.contains(&format!("listing {input}")) && err.contains("no AWS credentials are set"), "{err}");
 }
 
+#[test]
+fn a_missing_bucket_and_a_wrong_secret_are_said_in_words() {
+    let s = server();
+    let out = tempfile::tempdir().unwrap();
+    let model = mobilenet();
+    let input = format!("s3://{}/anything/", s.bucket);
+    for (bucket, secret, says) in [
+        ("no-such-bucket-here", None, "(bucket \"no-such-bucket-here\" does not exist at this endpoint)"),
+        (s.bucket.as_str(), Some("not-the-secret"), "(the secret key does not belong to the access key id"),
+    ] {
+        let input = input.replacen(&s.bucket, bucket, 1);
+        let mut c = ferry();
+        c.args(["transform", "--model", model.to_str().unwrap(), "--input", &input]);
+        c.args(["--output", out.path().to_str().unwrap(), "--max-retries", "0"]);
+        for (k, v) in &s.env {
+            c.env(k, v);
+        }
+        if let Some(secret) = secret {
+            c.env("AWS_SECRET_ACCESS_KEY", secret);
+        }
+        let o = c.output().unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains(&format!("listing {input}")) && err.contains(says), "{err}");
+    }
+}
+
 /// An Indexed Job's pods, simulated: three `--shard i/3` processes at once against one bucket
 /// split the objects between them, each object written once, and together write what one job
 /// writes, byte for byte.

@@ -87,7 +87,7 @@ pub async fn run(cfg: FitConfig) -> Result<FitOutcome, String> {
 
     let input = Location::open(&cfg.input, false, cfg.max_retries).map_err(|e| e.to_string())?;
     let (mut keys, unlisted) =
-        input.list_keys().await.map_err(|e| format!("listing {}: {e}{}", input.url, input.credentials_hint()))?;
+        input.list_keys().await.map_err(|e| format!("listing {}: {e}{}", input.url, input.hint(&e.to_string())))?;
     keys.sort();
     if keys.len() > cfg.limit {
         let n = keys.len();

@@ -227,7 +227,7 @@ impl SketchSet {
         let set = Location::open(url, false, max_retries).map_err(|e| e.to_string())?;
         let pkey = profile_key(&set);
         let text = get_bytes(set.store.as_ref(), &pkey).await.map_err(|e| {
-            format!("{url}: no sketch profile at {pkey} ({e}{}); is this a sketch set?", set.credentials_hint())
+            format!("{url}: no sketch profile at {pkey} ({e}{}); is this a sketch set?", set.hint(&e.to_string()))
         })?;
         let profile = SketchProfile::from_json(&text).map_err(|e| format!("{pkey}: {e}"))?;
         let (keys, unlisted) = set.list_keys().await.map_err(|e| format!("listing {url}: {e}"))?;
