@@ -12,9 +12,12 @@
 //! Writes are the other place a folder differs. An S3 object appears whole or not at all; a file
 //! exists while it is written. object_store stages local writes in `<name>#<n>`, which it hides
 //! from its own listings but which other readers (pyarrow, Spark, a shell glob) take for data,
-//! and which a killed job leaves behind for good. So a folder is written through a hidden
-//! `.<name>.ferry-partial` beside the target, renamed over it when complete: other tools skip
-//! dot-files, and a rerun that redoes the object overwrites and renames the same file.
+//! and which a killed job leaves behind for good. So a file is written unnamed (`O_TMPFILE`) in
+//! its folder, which a kill leaves nothing of, and given a hidden name of its own
+//! (`.<name>.<pid>-<n>.ferry-partial`) only to be renamed over the target: two writers of one
+//! file at once never expose each other's half. Where unnamed files are not supported, the
+//! hidden file is `.<name>.ferry-partial` throughout; other tools skip dot-files, and a rerun that
+//! redoes the object overwrites and renames the same file.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -660,33 +663,86 @@ fn walk(root: &std::path::Path) -> (Vec<Path>, Vec<(String, String)>) {
     (keys, unlisted)
 }
 
-/// Writes a local file through a hidden `.<name>.ferry-partial` beside it, renamed over it once
-/// complete (flushed to disk first with `fsync`), so that no reader ever sees part of it.
+/// Writes a local file so that no reader ever sees part of it, whatever stops the writer and
+/// however many write it at once. The body goes into an unnamed file in the target's folder
+/// (`O_TMPFILE`), which a killed writer leaves nothing of; only when complete (and flushed to disk
+/// with `fsync`) is it linked under a hidden name of its own and renamed over the target. Where
+/// the file system has no unnamed files, the hidden file is `.<name>.ferry-partial`, which a
+/// rerun overwrites.
 pub fn write_file(target: &std::path::Path, body: &[u8], fsync: bool) -> std::io::Result<()> {
     let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
         return Err(std::io::Error::other(format!("{} is not a file path", target.display())));
     };
-    let mut hidden = std::ffi::OsString::from(".");
-    hidden.push(name);
-    hidden.push(PARTIAL_SUFFIX);
-    let partial = dir.join(hidden);
-    let create = || std::fs::File::create(&partial);
-    let mut file = match create() {
+    let dir = if dir.as_os_str().is_empty() { std::path::Path::new(".") } else { dir };
+    let hidden = |tag: &str| {
+        let mut hidden = std::ffi::OsString::from(".");
+        hidden.push(name);
+        hidden.push(tag);
+        hidden.push(PARTIAL_SUFFIX);
+        dir.join(hidden)
+    };
+    let unnamed = || {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().write(true).mode(0o666).custom_flags(libc::O_TMPFILE).open(dir)
+    };
+    let file = match unnamed() {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(dir)?;
-            create()?
+            unnamed()
         }
-        other => other?,
+        other => other,
     };
+    let mut file = match file {
+        Ok(file) => file,
+        // Not every file system has unnamed files (EOPNOTSUPP; EISDIR before Linux 3.11).
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)) => {
+            return write_through(&hidden(""), target, body, fsync);
+        }
+        Err(e) => return Err(e),
+    };
+    std::io::Write::write_all(&mut file, body)?;
+    if fsync {
+        file.sync_data()?;
+    }
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let staged = hidden(&format!(".{}-{n}", std::process::id()));
+    link_unnamed(&file, &staged)?;
+    std::fs::rename(&staged, target).inspect_err(|_| {
+        let _ = std::fs::remove_file(&staged);
+    })?;
+    Ok(())
+}
+
+/// Gives the unnamed file `file` the name `to` (`linkat` of its `/proc/self/fd` entry, which needs
+/// no privilege, unlike `AT_EMPTY_PATH`).
+fn link_unnamed(file: &std::fs::File, to: &std::path::Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).expect("no NUL");
+    let to = std::ffi::CString::new(to.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: both are NUL-terminated paths that outlive the call.
+    let rc =
+        unsafe { libc::linkat(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::AT_SYMLINK_FOLLOW) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// [`write_file`] through the named hidden file `partial`, renamed over `target` once complete.
+fn write_through(partial: &std::path::Path, target: &std::path::Path, body: &[u8], fsync: bool) -> std::io::Result<()> {
+    let mut file = std::fs::File::create(partial)?;
     let written = std::io::Write::write_all(&mut file, body)
         .and_then(|()| if fsync { file.sync_data() } else { Ok(()) })
         .and_then(|()| {
             drop(file);
-            std::fs::rename(&partial, target)
+            std::fs::rename(partial, target)
         });
     if written.is_err() {
         // A full disk, say: what was staged is useless, and the space is better given back.
-        let _ = std::fs::remove_file(&partial);
+        let _ = std::fs::remove_file(partial);
     }
     written
 }
@@ -723,6 +779,37 @@ mod tests {
     }
 
     #[test]
+    fn writers_of_one_file_at_once_never_show_part_of_it() {
+        // Two pods of one index (a replacement started while the old one still runs) writing the
+        // same outputs on a shared volume: a reader sees one writer's whole file or nothing.
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("x.jpg.out");
+        let bodies: Vec<Vec<u8>> = (0..4u8).map(|w| vec![b'a' + w; (256 << 10) * (1 + w as usize)]).collect();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            for body in &bodies {
+                let (target, done) = (&target, &done);
+                s.spawn(move || {
+                    for _ in 0..150 {
+                        write_file(target, body, false).unwrap();
+                    }
+                    done.store(true, std::sync::atomic::Ordering::Relaxed);
+                });
+            }
+            let mut seen = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(read) = std::fs::read(&target) {
+                    assert!(bodies.contains(&read), "read {} bytes of a partial file", read.len());
+                    seen += 1;
+                }
+            }
+            assert!(seen > 0);
+        });
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, ["x.jpg.out"], "nothing staged is left");
+    }
+
+    #[test]
     fn a_write_that_fails_leaves_nothing_staged() {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("a.jpg.out");
@@ -732,6 +819,8 @@ mod tests {
         let blocked = dir.path().join("b.jpg.out");
         std::fs::create_dir_all(blocked.join("inside")).unwrap();
         assert!(write_file(&blocked, b"second", false).is_err());
+        // The same through a named hidden file, where the file system has no unnamed ones.
+        assert!(write_through(&dir.path().join(".b.jpg.out.ferry-partial"), &blocked, b"second", false).is_err());
         let mut left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         left.sort();
         assert_eq!(left, ["a.jpg.out", "b.jpg.out"]);
@@ -810,12 +899,16 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let out = Location::open(tmp.path().to_str().unwrap(), true, 0).unwrap();
         let key = out.child(&["a b", "c%d#1 été.jpg"], ".out").unwrap();
-        // What a job killed between writing and renaming leaves: the rerun replaces it.
-        std::fs::create_dir_all(tmp.path().join("a b")).unwrap();
-        std::fs::write(tmp.path().join("a b/.c%d#1 été.jpg.out.ferry-partial"), b"half").unwrap();
         out.write(&key, b"whole".to_vec(), 5 << 20).await.unwrap();
         assert_eq!(files_under(tmp.path()), ["a b/c%d#1 été.jpg.out"]);
         assert_eq!(get_bytes(out.store.as_ref(), &key).await.unwrap().as_ref(), b"whole");
+        // Where files are staged under one hidden name, what a job killed between writing and
+        // renaming leaves is replaced by the rerun.
+        let staged = tmp.path().join("a b/.c%d#1 été.jpg.out.ferry-partial");
+        std::fs::write(&staged, b"half").unwrap();
+        write_through(&staged, &tmp.path().join("a b/c%d#1 été.jpg.out"), b"again", false).unwrap();
+        assert_eq!(files_under(tmp.path()), ["a b/c%d#1 été.jpg.out"]);
+        assert_eq!(get_bytes(out.store.as_ref(), &key).await.unwrap().as_ref(), b"again");
         // A folder that does not exist yet is made, with or without flushing to disk.
         let deep = out.child(&["x", "y", "z.jpg"], ".out").unwrap();
         out.clone().with_fsync(true).write(&deep, b"1".to_vec(), 5 << 20).await.unwrap();
