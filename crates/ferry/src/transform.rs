@@ -984,6 +984,12 @@ fn ours(parts: &[String], exclude: Option<&[String]>, suffix: &str) -> bool {
     }
 }
 
+/// 32 random bits for this job's part names (std's randomly seeded hasher keys).
+fn run_tag() -> u32 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(std::process::id()) as u32
+}
+
 /// Writes the report where `cfg` says; on failure, where and why.
 async fn write_report(cfg: &JobConfig, output: &Location, report: &JobReport) -> Result<(), (String, String)> {
     let body = serde_json::to_vec_pretty(report).expect("the report serialises");
@@ -1163,10 +1169,11 @@ async fn run_pipeline(
                 events: writer_tx.clone(),
                 stats: stats.clone(),
                 open: open.clone(),
-                // Shards of one job start together and write to one set: their parts must not share a name.
+                // Jobs that write one set may start in the same millisecond (shards of one job, or
+                // a replacement pod beside the one it replaces): their parts must not share a name.
                 run: match cfg.shard {
-                    Some(s) => format!("{run:013}-shard{}of{}", s.index, s.count),
-                    None => format!("{run:013}"),
+                    Some(s) => format!("{run:013}-{:08x}-shard{}of{}", run_tag(), s.index, s.count),
+                    None => format!("{run:013}-{:08x}", run_tag()),
                 },
                 seq: 0,
             };

@@ -99,7 +99,13 @@ fn sketches_answer_similarity_and_counts_without_the_model() {
     let written = files(&set);
     let parts: Vec<&String> = written.iter().filter(|f| f.ends_with(".parquet")).collect();
     assert!(!parts.is_empty() && parts.len() < 10, "{written:?}");
-    assert!(parts.iter().all(|f| f.starts_with("part-")), "{written:?}");
+    // part-<job start, ms>-<random, 8 hex digits>-<n>.parquet: one job's parts share the first two.
+    let fields: Vec<Vec<&str>> = parts.iter().map(|f| f.trim_end_matches(".parquet").split('-').collect()).collect();
+    for f in &fields {
+        assert!(f.len() == 4 && f[0] == "part" && f[1].len() == 13 && f[2].len() == 8 && f[3].len() == 5, "{f:?}");
+        assert!(f[1..].iter().all(|x| x.chars().all(|c| c.is_ascii_hexdigit())), "{f:?}");
+        assert_eq!(f[1..3], fields[0][1..3], "{written:?}");
+    }
     assert!(written.contains(&"_ferry/sketch_profile.json".to_string()));
     // The features output feeds the sketch and stays out of the predictions.
     let first = json(&outputs.join(format!("{}.out", preds.keys().next().unwrap())));
