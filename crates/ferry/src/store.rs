@@ -679,6 +679,12 @@ pub fn write_file(target: &std::path::Path, body: &[u8], fsync: bool) -> std::io
         hidden.push(name);
         hidden.push(tag);
         hidden.push(PARTIAL_SUFFIX);
+        if hidden.len() > MAX_NAME {
+            // A name near the file system's limit: the staging name stands for it by a hash.
+            use std::os::unix::ffi::OsStrExt;
+            let hash = twox_hash::XxHash64::oneshot(0, name.as_bytes());
+            hidden = format!(".{hash:016x}{tag}{PARTIAL_SUFFIX}").into();
+        }
         dir.join(hidden)
     };
     let unnamed = || {
@@ -713,6 +719,9 @@ pub fn write_file(target: &std::path::Path, body: &[u8], fsync: bool) -> std::io
     })?;
     Ok(())
 }
+
+/// The longest file name of Linux file systems (ext4, XFS, btrfs), in bytes.
+const MAX_NAME: usize = 255;
 
 /// Gives the unnamed file `file` the name `to` (`linkat` of its `/proc/self/fd` entry, which needs
 /// no privilege, unlike `AT_EMPTY_PATH`).
@@ -776,6 +785,15 @@ mod tests {
         assert_eq!(said("<Error><Code>SlowDown</Code></Error>"), bucket.credentials_hint(), "other codes");
         let folder = Location::open(std::env::temp_dir().to_str().unwrap(), false, 0).unwrap();
         assert_eq!(folder.hint("<Code>NoSuchBucket</Code>"), "", "a folder has no buckets");
+    }
+
+    #[test]
+    fn a_name_near_the_limit_is_written_through_a_shorter_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join(format!("{}.jpg.out", "x".repeat(MAX_NAME - 8)));
+        write_file(&target, b"long", false).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"long");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "nothing staged is left");
     }
 
     #[test]
