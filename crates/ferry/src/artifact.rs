@@ -90,8 +90,7 @@ pub async fn resolve(model: &str, max_retries: usize) -> Result<Artifact, Artifa
     }
     // A prefix: every object under it, at its relative path.
     let location = Location::open(model, false, max_retries)?;
-    let (keys, unlisted) =
-        location.list_keys().await.map_err(|e| fetch(format!("{e}{}", location.hint(&e.to_string()))))?;
+    let (keys, unlisted) = location.list().await.map_err(|e| fetch(e.to_string()))?;
     if let Some((name, reason)) = unlisted.first() {
         return Err(fetch(format!("{name}: {reason}")));
     }

@@ -93,6 +93,57 @@ pub enum StoreError {
     },
 }
 
+/// Why a location's keys could not be listed.
+#[derive(Debug, thiserror::Error)]
+pub enum ListError {
+    /// The location could not be opened.
+    #[error(transparent)]
+    Open(#[from] StoreError),
+    /// A local file's name that cannot be a key.
+    #[error("{url}: {reason}")]
+    BadName {
+        /// The URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The store could not list it.
+    #[error("listing {url}: {source}{hint}")]
+    List {
+        /// The location.
+        url: String,
+        /// The store's error.
+        source: object_store::Error,
+        /// What the error means or what may be missing ([`Location::hint`]).
+        hint: String,
+    },
+}
+
+/// The inputs `url` names, as `--input` reads it, with the location they are relative to:
+/// every key under a folder or bucket prefix; one local file; or, for a bucket prefix under
+/// which no folder holds anything, every key that begins with it (S3's own reading of a prefix,
+/// and SageMaker's `S3Prefix`), relative to its folder part. Keys that cannot be named come back
+/// as `(name, reason)`.
+pub async fn list_inputs(url: &str, max_retries: usize) -> Result<(Location, Keys), ListError> {
+    if let Some((folder, name)) = local_file(url) {
+        let input = Location::open(&folder, false, max_retries)?;
+        let key = input.child(&[name], "").map_err(|reason| ListError::BadName { url: url.into(), reason })?;
+        return Ok((input, (vec![key], Vec::new())));
+    }
+    let input = Location::open(url, false, max_retries)?;
+    let (keys, unnamed) = input.list().await?;
+    if !keys.is_empty() || !unnamed.is_empty() {
+        return Ok((input, (keys, unnamed)));
+    }
+    match input.list_key_name_prefix().await.map_err(|e| input.list_error(e))? {
+        Some((folder, keys, unnamed)) if !keys.is_empty() || !unnamed.is_empty() => Ok((folder, (keys, unnamed))),
+        _ => Ok((input, (keys, unnamed))),
+    }
+}
+
+/// Listed keys, and the names of what could not be listed with the reason.
+pub type Keys = (Vec<Path>, Vec<(String, String)>);
+
 /// An opened location: a store and the prefix inside it.
 #[derive(Debug, Clone)]
 pub struct Location {
@@ -296,7 +347,7 @@ pub async fn read_object(url: &str, max_retries: usize, limit: u64) -> Result<By
 
 /// The folder and name of the local file `url` names, for a job whose input is one file; `None`
 /// for a folder, a bucket, or a path that does not exist.
-pub fn local_file(url: &str) -> Option<(String, String)> {
+fn local_file(url: &str) -> Option<(String, String)> {
     if url.contains("://") && !url.starts_with("file://") {
         return None;
     }
@@ -422,10 +473,19 @@ impl Location {
         self.write(key, body, usize::MAX).await
     }
 
+    /// [`Location::list_keys`], its error saying where and what it means.
+    pub async fn list(&self) -> Result<Keys, ListError> {
+        self.list_keys().await.map_err(|e| self.list_error(e))
+    }
+
+    fn list_error(&self, source: object_store::Error) -> ListError {
+        ListError::List { url: self.url.clone(), hint: self.hint(&source.to_string()), source }
+    }
+
     /// Every key under this location, and what could not be listed as `(name, reason)`: files of
     /// a folder whose names are not keys, or that could not be read. A store that cannot list is
     /// an error.
-    pub async fn list_keys(&self) -> Result<(Vec<Path>, Vec<(String, String)>), object_store::Error> {
+    async fn list_keys(&self) -> Result<Keys, object_store::Error> {
         let Some(local) = &self.local else {
             let (metas, unnamed) = match self.store.list(Some(&self.prefix)).try_collect::<Vec<_>>().await {
                 Ok(metas) => (metas, Vec::new()),
@@ -481,7 +541,7 @@ impl Location {
     /// and one object's key selects that object. Returns the location of the prefix's folder
     /// part, which the keys are relative to, every key that begins with the prefix, and those a
     /// `Path` cannot name as `(key, reason)`. `None` for a local folder or a URL ending in `/`.
-    pub async fn list_key_name_prefix(
+    async fn list_key_name_prefix(
         &self,
     ) -> Result<Option<(Location, Vec<Path>, Vec<(String, String)>)>, object_store::Error> {
         if self.bucket.is_none() || self.url.ends_with('/') || self.prefix.as_ref().is_empty() {

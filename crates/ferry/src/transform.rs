@@ -223,16 +223,10 @@ pub enum JobError {
     /// A location could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// Listing failed (unreachable store, bad credentials, missing bucket).
-    #[error("listing {url}: {source}{hint}")]
-    List {
-        /// The location.
-        url: String,
-        /// The store's error.
-        source: object_store::Error,
-        /// What the error means or what may be missing ([`Location::hint`]).
-        hint: String,
-    },
+    /// Listing failed (unreachable store, bad credentials, missing bucket), or `--input` named
+    /// something that cannot be listed.
+    #[error(transparent)]
+    List(#[from] crate::store::ListError),
     /// A configuration value out of range.
     #[error("{0}")]
     Config(String),
@@ -754,29 +748,12 @@ fn load_profile(cfg: &JobConfig, dir: &ModelDir) -> Result<SketchProfile, JobErr
 
 /// Every key under a location, and what of it could not be listed, as failures.
 async fn list(location: &Location) -> Result<(Vec<Path>, Vec<Failure>), JobError> {
-    let (keys, unlisted) = location.list_keys().await.map_err(|source| JobError::List {
-        url: location.url.clone(),
-        hint: location.hint(&source.to_string()),
-        source,
-    })?;
+    let (keys, unlisted) = location.list().await?;
     Ok((keys, unlisted_failures(unlisted)))
 }
 
 fn unlisted_failures(unlisted: Vec<(String, String)>) -> Vec<Failure> {
     unlisted.into_iter().map(|(object, reason)| Failure { object, record: None, reason }).collect()
-}
-
-/// The inputs of a bucket prefix that names no folder, read as S3 and SageMaker read it: every key
-/// that begins with it, relative to its folder part. `None` when that finds nothing either.
-async fn by_key_name_prefix(input: &Location) -> Result<Option<(Location, (Vec<Path>, Vec<Failure>))>, JobError> {
-    let listed = input.list_key_name_prefix().await.map_err(|source| JobError::List {
-        url: input.url.clone(),
-        hint: input.hint(&source.to_string()),
-        source,
-    })?;
-    Ok(listed
-        .filter(|(_, keys, unlisted)| !keys.is_empty() || !unlisted.is_empty())
-        .map(|(folder, keys, unlisted)| (folder, (keys, unlisted_failures(unlisted)))))
 }
 
 /// The largest manifest read: a million keys of a hundred characters.
@@ -844,35 +821,21 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
     };
     let listing = async {
         let t = Instant::now();
-        let (input, named) = match (cfg.manifest, crate::store::local_file(&cfg.input)) {
-            (false, None) => (Location::open(&cfg.input, false, cfg.max_retries)?, None),
-            (false, Some((folder, name))) => {
-                let input = Location::open(&folder, false, cfg.max_retries)?;
-                let key = input.child(&[name], "").map_err(|e| JobError::Config(format!("{}: {e}", cfg.input)))?;
-                (input, Some((vec![key], Vec::new())))
-            }
-            (true, _) => {
-                let (input, keys) = from_manifest(&cfg.input, cfg.max_retries).await?;
-                (input, Some(keys))
-            }
-        };
         let output = Location::open(&cfg.output, true, cfg.max_retries)?.with_fsync(cfg.fsync);
         let sketches = match &cfg.sketch {
             Some(url) => Some(Location::open(url, true, cfg.max_retries)?.with_fsync(cfg.fsync)),
             None => None,
         };
-        let (input, done, objects) = match named {
-            None => match tokio::try_join!(list(&output), list(&input))? {
-                (done, (keys, unlisted)) if keys.is_empty() && unlisted.is_empty() => {
-                    match by_key_name_prefix(&input).await? {
-                        Some((folder, objects)) => (folder, done, objects),
-                        None => (input, done, (keys, unlisted)),
-                    }
+        let inputs = async {
+            match cfg.manifest {
+                false => {
+                    let (input, (keys, unnamed)) = crate::store::list_inputs(&cfg.input, cfg.max_retries).await?;
+                    Ok((input, (keys, unlisted_failures(unnamed))))
                 }
-                (done, objects) => (input, done, objects),
-            },
-            Some(keys) => (input, list(&output).await?, keys),
+                true => from_manifest(&cfg.input, cfg.max_retries).await,
+            }
         };
+        let ((input, objects), done) = tokio::try_join!(inputs, list(&output))?;
         Ok::<_, JobError>((input, output, sketches, done, objects, t.elapsed().as_secs_f64()))
     };
     let (prepared, (input, output, sketches, (done, _), (mut objects, unnamed), list_seconds)) =

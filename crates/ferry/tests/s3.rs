@@ -515,7 +515,10 @@ fn sketches_are_fitted_written_and_queried_on_s3() {
         assert!(o.status.success(), "{}", stderr(&o));
         String::from_utf8(o.stdout).unwrap()
     };
-    ok(s.ferry(&["sketch", "fit", "--model", model, "--input", &input, "--output", profile.to_str().unwrap()]));
+    // `fit` reads `--input` as `transform` does: here a key-name prefix, not a folder.
+    let beginning = format!("s3://{}/{run}/imag", s.bucket);
+    let o = s.ferry(&["sketch", "fit", "--model", model, "--input", &beginning, "--output", profile.to_str().unwrap()]);
+    assert!(o.status.success() && stderr(&o).contains("fitted on 48 records"), "{}", stderr(&o));
     let p = profile.to_str().unwrap();
     ok(s.transform(&[
         "--model",

@@ -12,7 +12,7 @@ use futures::StreamExt;
 use super::profile::{fit_profile, fit_stage, peaks, FitSettings, Peak, SketchProfile, PROFILE_FILE};
 use crate::image::{ImageDecoder, ImagePlan};
 use crate::model::ModelDir;
-use crate::store::{get_bytes, Location};
+use crate::store::{get_bytes, list_inputs};
 
 /// What to fit on and where the profile goes.
 #[derive(Debug, Clone)]
@@ -85,9 +85,7 @@ pub async fn run(cfg: FitConfig) -> Result<FitOutcome, String> {
     let peaks_at: Vec<usize> = (0..stage_idx.len()).map(|i| cfg.settings.peaks << i).collect();
     let plan = ImagePlan::for_model(&dir.input, &info, 178_956_970).map_err(|e| e.to_string())?;
 
-    let input = Location::open(&cfg.input, false, cfg.max_retries).map_err(|e| e.to_string())?;
-    let (mut keys, unlisted) =
-        input.list_keys().await.map_err(|e| format!("listing {}: {e}{}", input.url, input.hint(&e.to_string())))?;
+    let (input, (mut keys, unlisted)) = list_inputs(&cfg.input, cfg.max_retries).await.map_err(|e| e.to_string())?;
     keys.sort();
     if keys.len() > cfg.limit {
         let n = keys.len();

@@ -230,7 +230,7 @@ impl SketchSet {
             format!("{url}: no sketch profile at {pkey} ({e}{}); is this a sketch set?", set.hint(&e.to_string()))
         })?;
         let profile = SketchProfile::from_json(&text).map_err(|e| format!("{pkey}: {e}"))?;
-        let (keys, unlisted) = set.list_keys().await.map_err(|e| format!("listing {url}: {e}"))?;
+        let (keys, unlisted) = set.list().await.map_err(|e| e.to_string())?;
         if let Some((name, reason)) = unlisted.iter().find(|(name, _)| name.ends_with(".parquet")) {
             return Err(format!("{url}: part {name} cannot be read: {reason}"));
         }
