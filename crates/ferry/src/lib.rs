@@ -14,6 +14,7 @@ mod jpeg;
 pub mod manifest;
 pub mod model;
 pub mod progress;
+pub mod provenance;
 mod s3list;
 pub mod sketch;
 pub mod store;

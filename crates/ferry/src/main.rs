@@ -279,6 +279,10 @@ struct TransformArgs {
     /// before decoding it (its decompressed size is held to --max-payload-mb too).
     #[arg(long, env = "FERRY_COMPRESSION", value_enum, ignore_case = true, default_value_t = Compression::None)]
     compression: Compression,
+    /// Write every object, also those whose .out exists. Without it a rerun skips them (resuming
+    /// a killed job), and refuses outputs another model or other settings wrote.
+    #[arg(long, env = "FERRY_OVERWRITE")]
+    overwrite: bool,
 }
 
 impl TransformArgs {
@@ -311,6 +315,7 @@ impl TransformArgs {
             shard: self.shard,
             manifest: self.manifest,
             compression: self.compression,
+            overwrite: self.overwrite,
             stop: None,
         }
     }

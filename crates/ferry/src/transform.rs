@@ -42,6 +42,7 @@ use crate::encode::{Encoder, RecordOutputs};
 use crate::image::{ImageDecoder, ImagePlan, PlanError};
 use crate::model::{ModelDir, ModelError};
 use crate::progress::{Progress, ProgressMode};
+use crate::provenance::Provenance;
 use crate::sketch::profile::PROFILE_FILE;
 use crate::sketch::store::{claim, write_parquet, SketchRow};
 use crate::sketch::SketchProfile;
@@ -136,6 +137,8 @@ pub struct JobConfig {
     pub manifest: bool,
     /// How the input objects are stored.
     pub compression: Compression,
+    /// Write every object, also those whose `.out` exists, as if the output were empty.
+    pub overwrite: bool,
     /// Becomes `true` to stop the job early (the CLI's SIGTERM and Ctrl-C): no more objects are
     /// started, those in flight are finished and written, and the report says what was left.
     pub stop: Option<tokio::sync::watch::Receiver<bool>>,
@@ -203,6 +206,7 @@ impl Default for JobConfig {
             shard: None,
             manifest: false,
             compression: Compression::None,
+            overwrite: false,
             stop: None,
         }
     }
@@ -405,6 +409,8 @@ struct Places<'a> {
 /// Everything about the model that the stages need, checked before any object is read.
 struct Prepared {
     runtime: String,
+    /// What decides the bytes of this job's outputs.
+    provenance: Provenance,
     instances: Vec<Box<dyn Backend>>,
     plan: ImagePlan,
     /// The model's fixed batch size, to which every call is padded.
@@ -621,6 +627,14 @@ impl PartWriter {
 
 fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
     let dir = ModelDir::open(&cfg.model)?;
+    let provenance = Provenance {
+        model: crate::provenance::model_hash(&cfg.model)
+            .map_err(|e| JobError::Config(format!("reading {}: {e}", cfg.model.display())))?,
+        top_k: cfg.top_k,
+        on_error: flag_value(cfg.on_error),
+        compression: flag_value(cfg.compression),
+        dct_scaling: cfg.dct_scaling,
+    };
     // The profile comes first: sketches read intermediate tensors (a stage, or pooled features
     // the graph does not declare), which the model must expose as outputs when it is loaded.
     let profile = match &cfg.sketch {
@@ -699,7 +713,7 @@ fn prepare(cfg: &JobConfig) -> Result<Prepared, JobError> {
             .map(|h| h.join().expect("creating a model instance panicked"))
             .collect::<Result<Vec<_>, _>>()
     })?;
-    Ok(Prepared { runtime: model.runtime(), instances, plan, fixed_batch, encoder, sketch })
+    Ok(Prepared { runtime: model.runtime(), provenance, instances, plan, fixed_batch, encoder, sketch })
 }
 
 /// At most `asked` records per model call, or exactly the model's fixed batch size, saying so.
@@ -846,7 +860,12 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
     let runtime = prepared.runtime.clone();
     tracing::info!(model = %cfg.model.display(), %runtime, input = %input.url, output = %output.url, "starting transform");
 
-    let done: HashSet<Path> = done.into_iter().filter(|p| p.as_ref().ends_with(".out")).collect();
+    let job_key = output.prefix.clone().join(JOB_DIR).join("job.json");
+    let previous = read_provenance(&output, &job_key).await?;
+    let mut done: HashSet<Path> = done.into_iter().filter(|p| p.as_ref().ends_with(".out")).collect();
+    if cfg.overwrite {
+        done.clear();
+    }
     objects.sort();
     let exclude = nested_output(&input.url, &cfg.output);
     let exclude_sketches = cfg.sketch.as_deref().and_then(|s| nested_output(&input.url, s));
@@ -875,6 +894,21 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
     }
     if !inputs_listed {
         return Err(JobError::Config(format!("no objects under {}", input.url)));
+    }
+    let ours = &prepared.provenance;
+    if let Some(then) = previous.as_ref().filter(|then| *then != ours) {
+        if skipped > 0 {
+            return Err(JobError::Config(format!(
+                "{} holds outputs of another job ({}); a rerun keeps every .out that exists, which would mix the \
+                 two: give another --output, or --overwrite to write every object again",
+                output.url,
+                ours.differences(then).join("; ")
+            )));
+        }
+    }
+    if previous.as_ref() != Some(ours) {
+        let body = serde_json::to_vec_pretty(ours).expect("serialises");
+        output.write_whole(&job_key, body).await.map_err(|e| JobError::Config(format!("writing {job_key}: {e}")))?;
     }
     let rejected = failures.len();
     if skipped > 0 {
@@ -953,6 +987,26 @@ fn run_tag() -> u32 {
     std::collections::hash_map::RandomState::new().hash_one(std::process::id()) as u32
 }
 
+/// How `value` is written on the command line.
+fn flag_value(value: impl clap::ValueEnum) -> String {
+    value.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string())
+}
+
+/// The folder under an output that holds what a job says of itself.
+const JOB_DIR: &str = "_ferry";
+
+/// What the job that wrote an output's `.out`s recorded of itself; `None` when nothing was (a
+/// new output, or one an older build wrote) or the record cannot be read as one.
+async fn read_provenance(output: &Location, key: &Path) -> Result<Option<Provenance>, JobError> {
+    match crate::store::get_bytes(output.store.as_ref(), key).await {
+        Ok(bytes) => Ok(serde_json::from_slice(&bytes)
+            .inspect_err(|e| tracing::warn!("{key} is not a job record ({e}); it will be replaced"))
+            .ok()),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(JobError::Config(format!("reading {key}: {e}{}", output.hint(&e.to_string())))),
+    }
+}
+
 /// Writes the report where `cfg` says; on failure, where and why.
 async fn write_report(cfg: &JobConfig, output: &Location, report: &JobReport) -> Result<(), (String, String)> {
     let body = serde_json::to_vec_pretty(report).expect("the report serialises");
@@ -995,7 +1049,7 @@ async fn run_pipeline(
     skipped: usize,
 ) -> PipelineOutcome {
     let Places { input, output, sketches } = places;
-    let Prepared { runtime: _, instances, plan, fixed_batch, encoder, sketch } = prepared;
+    let Prepared { runtime: _, provenance: _, instances, plan, fixed_batch, encoder, sketch } = prepared;
     let max_batch = records_per_call(fixed_batch, cfg.max_batch_size);
     let encoder = Arc::new(encoder);
     let sketch = sketch.map(Arc::new);

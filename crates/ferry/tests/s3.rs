@@ -420,7 +420,7 @@ fn a_manifest_in_the_bucket_selects_objects() {
         "1",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(files(out.path()), ["_ferry/report.json", "a/chelsea.jpg.out", "rocket.jpg.out"]);
+    assert_eq!(files(out.path()), ["_ferry/job.json", "_ferry/report.json", "a/chelsea.jpg.out", "rocket.jpg.out"]);
     assert_eq!(top_label(&out.path().join("a/chelsea.jpg.out")), "Egyptian cat");
 }
 
@@ -681,7 +681,7 @@ fn folder_markers_are_not_inputs() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("3 objects (2 written, 1 failed"), "{err}");
     assert!(err.contains("in/zero.jpg record 0: empty object"), "{err}");
-    assert_eq!(files(out.path()), ["_ferry/report.json", "cat.jpg.out", "sub/cat.jpg.out"]);
+    assert_eq!(files(out.path()), ["_ferry/job.json", "_ferry/report.json", "cat.jpg.out", "sub/cat.jpg.out"]);
 }
 
 #[test]
@@ -697,7 +697,7 @@ fn keys_the_store_library_cannot_name_fail_alone() {
     assert!(err.contains("failed: in//x.jpg: its key has an empty part"), "{err}");
     assert!(err.contains("failed: in/t\\tab.jpg: its key has a control character (\\t)"), "{err}");
     let written = files(out.path());
-    assert_eq!(written.len(), 1 + 1002, "the report and every other object's output");
+    assert_eq!(written.len(), 2 + 1002, "the job record, the report and every other object's output");
     assert!(written.contains(&"a b/c+d.jpg.out".to_string()) && written.contains(&"many/01000.jpg.out".to_string()));
     let report = json(&out.path().join("_ferry/report.json"));
     let failed: Vec<&str> =
@@ -711,7 +711,7 @@ fn a_key_name_prefix_skips_markers_and_names_keys_the_store_library_cannot() {
     let out = tempfile::tempdir().unwrap();
     let o = moto_job(&["markers"], "markers", "in/s", &mobilenet(), out.path());
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(files(out.path()), ["_ferry/report.json", "sub/cat.jpg.out"]);
+    assert_eq!(files(out.path()), ["_ferry/job.json", "_ferry/report.json", "sub/cat.jpg.out"]);
     // `in/t` begins only `in/t<TAB>ab.jpg`, which fails the store's own listing.
     let out = tempfile::tempdir().unwrap();
     let model = repo().join("tests/fixtures/typed_outputs");

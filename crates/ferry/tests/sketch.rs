@@ -341,7 +341,7 @@ fn a_killed_sketch_job_resumes_with_every_finished_object_sketched() {
         files(d).into_iter().filter(|f| !f.rsplit('/').next().unwrap().starts_with('.')).collect()
     };
     assert_eq!(files(&outputs), visible(&outputs));
-    assert_eq!(files(&outputs).len(), 161, "{:?}", files(&outputs));
+    assert_eq!(files(&outputs).len(), 162, "{:?}", files(&outputs));
     for f in visible(&set) {
         assert!(f.starts_with("_ferry/") || (f.starts_with("part-") && f.ends_with(".parquet")), "{f}");
     }

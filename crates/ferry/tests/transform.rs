@@ -36,7 +36,14 @@ fn the_example_photos_are_classified_correctly() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
         files(out.path()),
-        ["_ferry/report.json", "astronaut.png.out", "chelsea.jpg.out", "coffee.png.out", "rocket.jpg.out"]
+        [
+            "_ferry/job.json",
+            "_ferry/report.json",
+            "astronaut.png.out",
+            "chelsea.jpg.out",
+            "coffee.png.out",
+            "rocket.jpg.out"
+        ]
     );
     assert_eq!(top_label(&out.path().join("chelsea.jpg.out")), "Egyptian cat");
     assert_eq!(top_label(&out.path().join("coffee.png.out")), "espresso");
@@ -63,7 +70,10 @@ fn a_report_that_cannot_be_written_leaves_the_summary_and_the_outputs() {
     assert!(err.contains("4 objects (4 written, 0 failed"), "the summary is still shown: {err}");
     let line = err.lines().find(|l| l.starts_with("error: writing the job report")).unwrap_or_else(|| panic!("{err}"));
     assert!(line.contains(report.to_str().unwrap()), "{line}");
-    assert_eq!(files(out.path()), ["astronaut.png.out", "chelsea.jpg.out", "coffee.png.out", "rocket.jpg.out"]);
+    assert_eq!(
+        files(out.path()),
+        ["_ferry/job.json", "astronaut.png.out", "chelsea.jpg.out", "coffee.png.out", "rocket.jpg.out"]
+    );
 }
 
 /// Without `--max-batch-size`, a model call takes at most 2 records (see `DEFAULT_MAX_BATCH_SIZE`):
@@ -354,7 +364,7 @@ fn a_manifest_names_the_inputs() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("4 objects (2 written, 2 failed"), "each listed key once: {err}");
     assert!(err.contains("failed: missing.jpg") && err.contains("failed: ../README.md: key part \"..\""), "{err}");
-    assert_eq!(files(&out), ["_ferry/report.json", "chelsea.jpg.out", "coffee.png.out"]);
+    assert_eq!(files(&out), ["_ferry/job.json", "_ferry/report.json", "chelsea.jpg.out", "coffee.png.out"]);
     assert_eq!(top_label(&out.join("chelsea.jpg.out")), "Egyptian cat");
 
     // Entries are appended to the prefix as strings, as SageMaker does.
@@ -363,7 +373,7 @@ fn a_manifest_names_the_inputs() {
     let out = dir.path().join("out-stem");
     let o = job(&out);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(files(&out), ["_ferry/report.json", "coffee.png.out"]);
+    assert_eq!(files(&out), ["_ferry/job.json", "_ferry/report.json", "coffee.png.out"]);
 
     std::fs::write(&manifest, "[\"chelsea.jpg\"]").unwrap();
     let o = job(&out);
@@ -574,7 +584,7 @@ fn bad_inputs_fail_alone_and_are_named() {
         let line = err.lines().find(|l| l.contains(name)).unwrap_or_else(|| panic!("{name} not reported: {err}"));
         assert!(line.contains(reason) && line.contains("record 0"), "{line}");
     }
-    assert_eq!(files(out.path()), ["_ferry/report.json", "good.jpg.out"]);
+    assert_eq!(files(out.path()), ["_ferry/job.json", "_ferry/report.json", "good.jpg.out"]);
     let report = json(&out.path().join("_ferry/report.json"));
     assert_eq!(report["objects_failed"], 6);
     assert_eq!(report["objects_succeeded"], 1);
@@ -586,7 +596,7 @@ fn bad_inputs_fail_alone_and_are_named() {
     a.extend(["--on-error".into(), "error-record".into()]);
     let o = transform(&a.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(files(out2.path()).len(), 8);
+    assert_eq!(files(out2.path()).len(), 9);
     let bomb = json(&out2.path().join("bomb.jpg.out"));
     assert!(bomb["predictions"][0]["error"].as_str().unwrap().contains("over the limit"), "{bomb}");
     let clip = json(&out2.path().join("clip.mp4.out"));
@@ -615,7 +625,7 @@ fn files_whose_names_are_not_keys_fail_alone() {
     assert!(err.lines().any(|l| l.contains("tab\there.jpg") && l.contains("cannot be an object key")), "{err}");
     assert!(err.lines().any(|l| l.contains("caf\u{fffd}.jpg") && l.contains("not UTF-8")), "{err}");
     let mut expected: Vec<String> = names.iter().map(|n| format!("{n}.out")).collect();
-    expected.push("_ferry/report.json".into());
+    expected.extend(["_ferry/job.json".into(), "_ferry/report.json".into()]);
     expected.sort();
     assert_eq!(files(out.path()), expected);
     let report = json(&out.path().join("_ferry/report.json"));
@@ -698,12 +708,61 @@ fn an_unreachable_store_is_one_clear_message() {
 }
 
 #[test]
+fn a_rerun_with_another_model_or_settings_does_not_keep_the_old_outputs() {
+    // A rerun skips objects whose .out exists: after a change of model or settings that would
+    // silently keep the old outputs of every object the first run finished.
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["model.onnx", "ferry.toml", "labels.txt"] {
+        std::fs::copy(mobilenet().join(f), model.join(f)).unwrap();
+    }
+    let out = tmp.path().join("out");
+    let job = |extra: &[&str]| {
+        let k = if extra.contains(&"--top-k") { &[][..] } else { &["--top-k", "3"][..] };
+        job_through(&model, &examples(), &out, &[k, extra].concat())
+    };
+    let read = |name: &str| std::fs::read(out.join(name)).unwrap();
+    assert!(job(&[]).status.success());
+    let first = read("coffee.png.out");
+    assert!(stderr(&job(&[])).contains("4 already done"));
+
+    let o = job(&["--top-k", "1"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("holds outputs of another job (--top-k was 3, now 1)") && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(read("coffee.png.out"), first, "nothing was written");
+
+    // A fixed ferry.toml is another model.
+    let toml = std::fs::read_to_string(model.join("ferry.toml")).unwrap().replace("resize = 256", "resize = 240");
+    std::fs::write(model.join("ferry.toml"), toml).unwrap();
+    let o = job(&[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("(the model's files differ)"), "{}", stderr(&o));
+
+    // --overwrite writes every object again, as a job into an empty output would.
+    let o = job(&["--overwrite"]);
+    assert!(stderr(&o).contains("4 objects (4 written, 0 failed, 0 already done)"), "{}", stderr(&o));
+    let fresh = tmp.path().join("fresh");
+    assert!(job_through(&model, &examples(), &fresh, &["--top-k", "3"]).status.success());
+    for f in ["astronaut.png.out", "chelsea.jpg.out", "coffee.png.out", "rocket.jpg.out"] {
+        assert_eq!(read(f), std::fs::read(fresh.join(f)).unwrap(), "{f}");
+    }
+    assert_ne!(read("coffee.png.out"), first);
+    // And the next rerun with these settings resumes as usual.
+    assert!(stderr(&job(&[])).contains("4 already done"));
+}
+
+#[test]
 fn one_file_is_a_job_of_one_object() {
     let (whole, one) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     assert!(example_job(whole.path(), &["--top-k", "3"]).status.success());
     let o = job_through(&mobilenet(), &examples().join("coffee.png"), one.path(), &["--top-k", "3"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(files(one.path()), ["_ferry/report.json", "coffee.png.out"]);
+    assert_eq!(files(one.path()), ["_ferry/job.json", "_ferry/report.json", "coffee.png.out"]);
     let read = |dir: &std::path::Path| std::fs::read(dir.join("coffee.png.out")).unwrap();
     assert_eq!(read(one.path()), read(whole.path()));
     let o = job_through(&mobilenet(), &examples().join("coffee.png"), one.path(), &["--top-k", "3"]);
@@ -836,7 +895,7 @@ fn outputs_inside_the_input_folder_are_not_taken_for_inputs() {
     };
     let out = data.path().join("predictions");
     run_twice(out.to_str().unwrap());
-    assert_eq!(files(&out), ["_ferry/report.json".to_string(), format!("{name}.out")]);
+    assert_eq!(files(&out), ["_ferry/job.json".to_string(), "_ferry/report.json".to_string(), format!("{name}.out")]);
     assert_eq!(json(&out.join("_ferry/report.json"))["objects_total"], 1);
 
     // Outputs written next to their inputs, with what a write killed before its rename leaves.
