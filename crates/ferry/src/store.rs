@@ -29,7 +29,7 @@ use object_store::aws::AmazonS3Builder;
 use object_store::buffered::BufWriter;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, RetryConfig};
+use object_store::{Attribute, Attributes, ObjectStore, ObjectStoreExt, RetryConfig};
 use tokio::io::AsyncWriteExt;
 
 /// Errors opening a location or mapping keys.
@@ -455,10 +455,16 @@ impl Location {
                 .map_err(|e| format!("the write panicked: {e}"))?
                 .map_err(|e| format!("write failed: {e}"));
         }
-        if body.len() <= part_size {
-            return self.store.put(key, body.into()).await.map(|_| ()).map_err(|e| format!("write failed: {e}"));
+        let mut attributes = Attributes::new();
+        if let Some(mime) = content_type(key) {
+            attributes.insert(Attribute::ContentType, mime.into());
         }
-        let mut writer = BufWriter::with_capacity(self.store.clone(), key.clone(), part_size);
+        if body.len() <= part_size {
+            let put = self.store.put_opts(key, body.into(), attributes.into());
+            return put.await.map(|_| ()).map_err(|e| format!("write failed: {e}"));
+        }
+        let mut writer =
+            BufWriter::with_capacity(self.store.clone(), key.clone(), part_size).with_attributes(attributes);
         match writer.write_all(&body).await {
             Ok(()) => writer.shutdown().await.map_err(|e| format!("write failed: {e}")),
             Err(e) => {
@@ -780,6 +786,16 @@ pub fn write_file(target: &std::path::Path, body: &[u8], fsync: bool) -> std::io
     Ok(())
 }
 
+/// The media type a bucket serves an object of ferry's as, by its name: predictions and reports
+/// are JSON, sketch parts Parquet.
+fn content_type(key: &Path) -> Option<&'static str> {
+    match key.extension()? {
+        "out" | "json" => Some("application/json"),
+        "parquet" => Some("application/vnd.apache.parquet"),
+        _ => None,
+    }
+}
+
 /// The longest file name of Linux file systems (ext4, XFS, btrfs), in bytes.
 const MAX_NAME: usize = 255;
 
@@ -1001,5 +1017,14 @@ mod tests {
         let body: Vec<u8> = (0..(12u32 << 20)).map(|i| (i % 251) as u8).collect();
         out.write(&key, body.clone(), 5 << 20).await.unwrap();
         assert_eq!(get_bytes(out.store.as_ref(), &key).await.unwrap().as_ref(), &body[..]);
+        // Served as what it is, whole or in parts.
+        let small = Path::from("out/_ferry/report.json");
+        out.write_whole(&small, b"{}".to_vec()).await.unwrap();
+        for (key, mime) in [(&key, "application/json"), (&small, "application/json")] {
+            let got = out.store.get(key).await.unwrap();
+            assert_eq!(got.attributes.get(&Attribute::ContentType).map(|v| v.as_ref()), Some(mime), "{key}");
+        }
+        assert_eq!(content_type(&Path::from("s/part-1-00000.parquet")), Some("application/vnd.apache.parquet"));
+        assert_eq!(content_type(&Path::from("x/cat.jpg")), None);
     }
 }

@@ -157,6 +157,10 @@ fn transform_reads_and_writes_s3() {
     assert_eq!(label(format!("{run}/out/chelsea.jpg.out")), "Egyptian cat");
     assert_eq!(label(format!("{run}/out/coffee.png.out")), "espresso");
     assert_eq!(label(format!("{run}/out/nested/été #1/cup 2.png.out")), "espresso");
+    // Outputs are served as JSON.
+    let got = block_on(store.get(&Path::parse(format!("{run}/out/chelsea.jpg.out")).unwrap())).unwrap();
+    let mime = got.attributes.get(&object_store::Attribute::ContentType).map(|v| v.to_string());
+    assert_eq!(mime.as_deref(), Some("application/json"));
     let listed: Vec<String> = block_on(async {
         use futures::TryStreamExt;
         let metas: Vec<_> = store.list(Some(&Path::from(format!("{run}/out")))).try_collect().await.unwrap();
