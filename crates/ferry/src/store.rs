@@ -136,7 +136,7 @@ pub async fn list_inputs(url: &str, max_retries: usize) -> Result<(Location, Key
         return Ok((input, (keys, unnamed)));
     }
     match input.list_key_name_prefix().await.map_err(|e| input.list_error(e))? {
-        Some((folder, keys, unnamed)) if !keys.is_empty() || !unnamed.is_empty() => Ok((folder, (keys, unnamed))),
+        Some((folder, (keys, unnamed))) if !keys.is_empty() || !unnamed.is_empty() => Ok((folder, (keys, unnamed))),
         _ => Ok((input, (keys, unnamed))),
     }
 }
@@ -277,6 +277,10 @@ impl SharedProfile {
 
 /// The suffix of the hidden file a local write goes through.
 pub const PARTIAL_SUFFIX: &str = ".ferry-partial";
+
+/// The folder under an output or a sketch set that holds what ferry writes of the job itself (the
+/// report, the job record, a set's profile), never taken for an input.
+pub const JOB_DIR: &str = "_ferry";
 
 /// Whether `name` is the hidden file of an unfinished local write.
 pub fn is_partial(name: &str) -> bool {
@@ -547,9 +551,7 @@ impl Location {
     /// and one object's key selects that object. Returns the location of the prefix's folder
     /// part, which the keys are relative to, every key that begins with the prefix, and those a
     /// `Path` cannot name as `(key, reason)`. `None` for a local folder or a URL ending in `/`.
-    async fn list_key_name_prefix(
-        &self,
-    ) -> Result<Option<(Location, Vec<Path>, Vec<(String, String)>)>, object_store::Error> {
+    async fn list_key_name_prefix(&self) -> Result<Option<(Location, Keys)>, object_store::Error> {
         if self.bucket.is_none() || self.url.ends_with('/') || self.prefix.as_ref().is_empty() {
             return Ok(None);
         }
@@ -566,7 +568,7 @@ impl Location {
             Err(object_store::Error::InvalidPath { .. }) => self.list_raw(prefix).await?,
             Err(e) => return Err(e),
         };
-        Ok(Some((folder, self.without_markers(metas).await, unnamed)))
+        Ok(Some((folder, (self.without_markers(metas).await, unnamed))))
     }
 
     /// Every key of a bucket that begins with `prefix`, a string rather than a `Path`.

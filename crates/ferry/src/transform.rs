@@ -46,7 +46,7 @@ use crate::provenance::Provenance;
 use crate::sketch::profile::PROFILE_FILE;
 use crate::sketch::store::{claim, write_parquet, SketchRow};
 use crate::sketch::SketchProfile;
-use crate::store::{get_bytes_within, is_partial, FetchError, Location, StoreError};
+use crate::store::{get_bytes_within, is_partial, FetchError, Location, StoreError, JOB_DIR};
 
 /// What to do with a record that fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
@@ -861,7 +861,11 @@ pub async fn run(cfg: JobConfig) -> Result<JobReport, JobError> {
     tracing::info!(model = %cfg.model.display(), %runtime, input = %input.url, output = %output.url, "starting transform");
 
     let job_key = output.prefix.clone().join(JOB_DIR).join("job.json");
-    let previous = read_provenance(&output, &job_key).await?;
+    // The output's listing says whether there is a record to read.
+    let previous = match done.contains(&job_key) {
+        true => read_provenance(&output, &job_key).await?,
+        false => None,
+    };
     let mut done: HashSet<Path> = done.into_iter().filter(|p| p.as_ref().ends_with(".out")).collect();
     if cfg.overwrite {
         done.clear();
@@ -975,7 +979,7 @@ fn ours(parts: &[String], exclude: Option<&[String]>, suffix: &str) -> bool {
     match exclude {
         None => false,
         Some([]) => {
-            parts.last().is_some_and(|p| p.ends_with(suffix) || is_partial(p)) || parts.iter().any(|p| p == "_ferry")
+            parts.last().is_some_and(|p| p.ends_with(suffix) || is_partial(p)) || parts.iter().any(|p| p == JOB_DIR)
         }
         Some(ex) => parts.len() >= ex.len() && parts.iter().zip(ex).all(|(a, b)| a == b),
     }
@@ -992,11 +996,8 @@ fn flag_value(value: impl clap::ValueEnum) -> String {
     value.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string())
 }
 
-/// The folder under an output that holds what a job says of itself.
-const JOB_DIR: &str = "_ferry";
-
-/// What the job that wrote an output's `.out`s recorded of itself; `None` when nothing was (a
-/// new output, or one an older build wrote) or the record cannot be read as one.
+/// What the job that wrote an output's `.out`s recorded of itself; `None` when the record is gone
+/// or cannot be read as one.
 async fn read_provenance(output: &Location, key: &Path) -> Result<Option<Provenance>, JobError> {
     match crate::store::get_bytes(output.store.as_ref(), key).await {
         Ok(bytes) => Ok(serde_json::from_slice(&bytes)
@@ -1019,7 +1020,7 @@ async fn write_report(cfg: &JobConfig, output: &Location, report: &JobReport) ->
                 Some(s) => format!("report-{}-of-{}.json", s.index, s.count),
                 None => "report.json".into(),
             };
-            let key = output.prefix.clone().join("_ferry").join(name.as_str());
+            let key = output.prefix.clone().join(JOB_DIR).join(name.as_str());
             output.write_whole(&key, body).await.map_err(|reason| (key.to_string(), reason))
         }
     }

@@ -175,7 +175,7 @@ pub fn read_parquet(bytes: Bytes, seed: u64, d: usize) -> Result<Vec<SketchRow>,
 
 /// The key of a set's profile.
 pub fn profile_key(set: &Location) -> Path {
-    set.prefix.clone().join("_ferry").join(PROFILE_FILE)
+    set.prefix.clone().join(crate::store::JOB_DIR).join(PROFILE_FILE)
 }
 
 /// Makes `profile` the profile of the set at `set`, or finds it there already. A set that holds
